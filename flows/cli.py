@@ -1,0 +1,219 @@
+"""`pretrain`: the command line (Typer). demo, run, ui, serve."""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from model.config import ConfigError
+from tasks.workspace import Workspace, configure_environment
+from warehouse.sources import SourceError
+from warehouse.store import WarehouseError
+
+app = typer.Typer(help="An orchestrated lab for pretraining Transformers and comparing objectives.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+console = Console(stderr=True)
+USER_ERRORS = (ConfigError, SourceError, WarehouseError, FileNotFoundError)
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+SetOption = typer.Option([], "--set", help="Override a config key, e.g. --set train.max_steps=100 (repeatable).")
+
+
+def fail(message: str, code: int = 2) -> None:
+    console.print(f"[bold red]error:[/bold red] {message}")
+    raise typer.Exit(code)
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=0.5) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+class _UserErrorsWithoutTraceback(logging.Filter):
+    """A mistake in the user's input is one line in Prefect's logs, not a traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], USER_ERRORS):
+            record.msg, record.args = f"{record.getMessage().splitlines()[0]} {record.exc_info[1]}", ()
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _prepare() -> Workspace:
+    ws = configure_environment()
+    # Reuse a running `pretrain ui` server so runs appear live; otherwise Prefect starts a temporary one.
+    if "PREFECT_API_URL" not in os.environ and _answers("http://127.0.0.1:4200/api/health"):
+        os.environ["PREFECT_API_URL"] = "http://127.0.0.1:4200/api"
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).addFilter(_UserErrorsWithoutTraceback())
+    return ws
+
+
+def _execute(config: str, overrides: list[str]) -> dict:
+    ws = _prepare()
+    from flows.config import load_config
+    from tasks.data import source_fingerprint
+
+    try:  # validate before Prefect starts: bad input fails in a second, in one line
+        cfg = load_config(config, overrides)
+        source_fingerprint([s.__dict__ for s in cfg.corpus.source_specs()])
+    except USER_ERRORS as exc:
+        fail(str(exc))
+    from flows.pipeline import pretrain_pipeline
+
+    console.print(f"[bold]pretrain[/bold] {config}  workspace {ws.root}")
+    started = time.perf_counter()
+    state = pretrain_pipeline(config_path=str(config), overrides=list(overrides), return_state=True)
+    elapsed = time.perf_counter() - started
+    try:
+        result = state.result()
+    except USER_ERRORS as exc:
+        fail(str(exc))
+    except Exception as exc:  # noqa: BLE001 - any other failure: one line, details in Prefect's log above
+        fail(f"{type(exc).__name__}: {exc} (flow run state: {state.name})", code=1)
+    _print_summary(result, ws, elapsed)
+    return result
+
+
+def _print_summary(result: dict, ws: Workspace, elapsed: float) -> None:
+    table = Table(title="comparison", show_lines=False)
+    for col in ("variant", "val loss", "test accuracy", "test macro-F1"):
+        table.add_column(col, justify="left" if col == "variant" else "right")
+    for row in result["table"]:
+        table.add_row(row["variant"], f"{row['val_loss']:.3f}" if row.get("val_loss") is not None else "-",
+                      f"{row['accuracy']:.3f}" if "accuracy" in row else "-",
+                      f"{row['macro_f1']:.3f}" if "macro_f1" in row else "-")
+    out = Console()
+    out.print(table)
+    ran = result["ran_stages"]
+    if not ran:
+        out.print(f"[green]every stage served from cache[/green] ({len(result['cached_stages'])} stages) in {elapsed:.1f} s")
+    else:
+        out.print(f"finished in {elapsed:.1f} s; ran {len(ran)} stages, {len(result['cached_stages'])} from cache")
+    out.print(f"report:            {result['report']}")
+    out.print(f"MLflow experiment: {result['experiment']} (id {result['experiment_id']}), parent run {result['parent_run_id']}")
+    out.print("MLflow child runs: " + ", ".join(f"{k} {v}" for k, v in result["runs"].items()))
+    out.print(f"Prefect flow run:  {result.get('flow_run_name', '')} ({result.get('flow_run_id', '')})")
+    out.print(f"open both UIs:     PRETRAIN_HOME={ws.root} pretrain ui   "
+              "(Prefect http://127.0.0.1:4200, MLflow http://127.0.0.1:5000)")
+
+
+@app.command()
+def demo(set_: list[str] = SetOption) -> None:
+    """The demo pipeline on the built-in corpus (the Python documentation): MLM vs autoregressive LM."""
+    _execute("demo.yaml", set_)
+
+
+@app.command()
+def run(
+    config: str = typer.Option(..., "--config", "-c", help="Pipeline config (YAML), e.g. configs/demo.yaml."),
+    set_: list[str] = SetOption,
+) -> None:
+    """The pipeline on your own config and corpus (e.g. --set corpus.path='texts/**/*.txt')."""
+    _execute(config, set_)
+
+
+def _start(cmd: list[str], env: dict) -> subprocess.Popen:
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+@app.command()
+def ui(
+    host: str = typer.Option("127.0.0.1", help="Interface to bind. Anything but loopback exposes your runs."),
+    prefect_port: int = typer.Option(4200),
+    mlflow_port: int = typer.Option(5000),
+    timeout: float = typer.Option(90.0, help="Seconds to wait for both servers to answer."),
+) -> None:
+    """Start the Prefect server and the MLflow UI on 127.0.0.1 over this workspace's runs."""
+    ws = configure_environment()
+    if host not in LOOPBACK:
+        console.print(f"[bold yellow]warning:[/bold yellow] binding to {host} exposes the UIs (no authentication) "
+                      "to every machine that can reach it")
+    env = {**os.environ, "PREFECT_SERVER_API_HOST": host, "PREFECT_SERVER_API_PORT": str(prefect_port)}
+    env.pop("PREFECT_API_URL", None)
+    bin_dir = Path(sys.executable).parent
+    prefect_cmd = [str(bin_dir / "prefect") if (bin_dir / "prefect").exists() else shutil.which("prefect") or "prefect",
+                   "server", "start", "--host", host, "--port", str(prefect_port)]
+    mlflow_cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", ws.mlflow_uri,
+                  "--default-artifact-root", ws.artifacts.as_uri(), "--host", host, "--port", str(mlflow_port)]
+    procs = {"Prefect": _start(prefect_cmd, env), "MLflow": _start(mlflow_cmd, env)}
+    shown = "127.0.0.1" if host in LOOPBACK else host
+    urls = {"Prefect": f"http://{shown}:{prefect_port}", "MLflow": f"http://{shown}:{mlflow_port}"}
+    health = {"Prefect": urls["Prefect"] + "/api/health", "MLflow": urls["MLflow"] + "/health"}
+
+    def stop(*_):
+        for p in procs.values():
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in procs.values():
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+
+    signal.signal(signal.SIGTERM, lambda *a: (stop(), sys.exit(0)))
+    try:
+        deadline = time.monotonic() + timeout
+        pending = set(procs)
+        while pending and time.monotonic() < deadline:
+            for name in list(pending):
+                if procs[name].poll() is not None:
+                    err = (procs[name].stderr.read() or "").strip().splitlines()
+                    fail(f"the {name} server exited: {err[-1] if err else 'no output'} (is port "
+                         f"{prefect_port if name == 'Prefect' else mlflow_port} in use? pass --{name.lower()}-port)")
+                if _answers(health[name]):
+                    pending.discard(name)
+                    console.print(f"[green]{name} UI[/green]  {urls[name]}")
+            time.sleep(0.5)
+        if pending:
+            fail(f"{', '.join(sorted(pending))} did not answer within {timeout:.0f} s")
+        console.print(f"workspace {ws.root}; Ctrl-C stops both")
+        while all(p.poll() is None for p in procs.values()):
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop()
+
+
+@app.command()
+def serve(
+    config: str = typer.Option("demo.yaml", "--config", "-c", help="Pipeline config for the scheduled runs."),
+    cron: str = typer.Option("0 3 * * *", help="Schedule (cron, UTC)."),
+    name: str = typer.Option("pretrain-pipeline", help="Deployment name."),
+    set_: list[str] = SetOption,
+) -> None:
+    """Serve the pipeline deployment with its schedule (no work pool needed); runs show in the Prefect UI."""
+    _prepare()
+    from flows.config import load_config
+
+    try:
+        load_config(config, set_)
+    except USER_ERRORS as exc:
+        fail(str(exc))
+    from flows.pipeline import pretrain_pipeline
+
+    pretrain_pipeline.serve(name=name, cron=cron, parameters={"config_path": config, "overrides": list(set_)})
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""The pipeline configuration: YAML presets + `--set key=value` overrides, unknown keys rejected."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from model.config import ConfigError, ModelConfig, TrainConfig, load_dataclass
+from model.finetune import FinetuneConfig
+from model.objectives import OBJECTIVES
+from warehouse.sources import SourceSpec
+from warehouse.tokenizer import TokenizerConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# Set by the pipeline per objective; not user settings under `train:`.
+RESERVED_TRAIN_KEYS = {"objective", "model", "data_dir", "out_dir", "specials"}
+
+
+@dataclass
+class CorpusConfig:
+    name: str = "python-docs"
+    sources: list[SourceSpec] = field(default_factory=lambda: [SourceSpec(name="python-docs", builtin="python-docs")])
+    path: str = ""  # shortcut for one source: a folder, file or glob of .txt / .md / .jsonl
+    text_field: str = "text"
+    min_chars: int = 32
+    val_frac: float = 0.05
+    test_frac: float = 0.05
+
+    def source_specs(self) -> list[SourceSpec]:
+        if self.path:
+            return [SourceSpec(name=self.name, path=self.path, text_field=self.text_field)]
+        return self.sources
+
+
+@dataclass
+class ModelSection:
+    size: str = "mini"
+    overrides: dict[str, Any] = field(default_factory=dict)  # any ModelConfig field, e.g. n_layers
+
+
+@dataclass
+class DownstreamConfig:
+    task: str = "stdlib-module"  # the built-in task; "none" to skip fine-tuning
+    source: str = "python-docs"  # the source whose labelled documents form the task
+    n_classes: int = 8
+    min_chars: int = 80
+    val_frac: float = 0.15
+    test_frac: float = 0.15
+    seeds: list[int] = field(default_factory=lambda: [0])
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+
+
+@dataclass
+class PipelineConfig:
+    experiment: str = "pretrain-pipeline"
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    objectives: list[str] = field(default_factory=lambda: ["mlm", "clm"])
+    model: ModelSection = field(default_factory=ModelSection)
+    train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields shared by every objective
+    downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
+
+    def validate(self) -> "PipelineConfig":
+        for name in self.objectives:
+            if name not in OBJECTIVES:
+                raise ConfigError(f"unknown objective {name!r}; available objectives: {', '.join(OBJECTIVES)}")
+        if not self.objectives:
+            raise ConfigError("no objectives configured; set objectives: [mlm, clm]")
+        reserved = RESERVED_TRAIN_KEYS.intersection(self.train)
+        if reserved:
+            raise ConfigError(f"train.{sorted(reserved)[0]} is set by the pipeline; list objectives under `objectives:` "
+                              "and the model under `model:`")
+        load_dataclass(TrainConfig, self.train, "train.")  # unknown keys / bad types fail now, not mid-run
+        self.model_config("encoder", 100)
+        return self
+
+    def model_config(self, arch: str, vocab_size: int) -> ModelConfig:
+        overrides = dict(self.model.overrides)
+        unknown = set(overrides) - set(ModelConfig.__dataclass_fields__)
+        if unknown:
+            raise ConfigError(f"unknown config key 'model.overrides.{sorted(unknown)[0]}'; "
+                              f"valid keys: {', '.join(sorted(ModelConfig.__dataclass_fields__))}")
+        overrides.setdefault("max_seq_len", max(512, int(self.train.get("seq_len", 128)) + 1))
+        return ModelConfig.from_name(self.model.size, arch=arch, vocab_size=vocab_size, **overrides)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r} is not key=value; e.g. --set train.max_steps=100")
+    key, raw = item.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {part!r} is not a section")
+        node[path[-1]] = value
+    return data
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    p = Path(path).expanduser()
+    if not p.exists() and (CONFIG_DIR / p).exists():
+        p = CONFIG_DIR / p  # shipped presets by name, e.g. `--config demo.yaml`
+    if not p.exists():
+        raise ConfigError(f"config file {str(path)!r} does not exist; pass a YAML file, e.g. --config configs/demo.yaml")
+    return p
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> PipelineConfig:
+    data: dict = {}
+    if path:
+        p = resolve_config_path(path)
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {p} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of sections (corpus, model, train, ...)")
+    data = apply_overrides(data, overrides or [])
+    return load_dataclass(PipelineConfig, data).validate()
+
+
+def config_hash(obj: Any) -> str:
+    payload = json.dumps(asdict(obj) if hasattr(obj, "__dataclass_fields__") else obj, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:12]

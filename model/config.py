@@ -1,0 +1,154 @@
+"""Model and training configuration as plain data.
+
+Sizes are data (litgpt style): `ModelConfig.from_name("tiny", arch="encoder")`. The architecture
+defaults per family are the ones a stock Hugging Face class expresses (BERT for the encoder,
+GPT-2 for the decoder), so every default model exports to `transformers` with identical outputs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+# Dimensions only; the architecture family (encoder / decoder) adds the rest.
+SIZES: dict[str, dict[str, int]] = {
+    "tiny": dict(n_layers=2, d_model=128, n_heads=2, d_ff=512),
+    "mini": dict(n_layers=4, d_model=256, n_heads=4, d_ff=1024),
+    "small": dict(n_layers=4, d_model=512, n_heads=8, d_ff=2048),
+    "base": dict(n_layers=12, d_model=768, n_heads=12, d_ff=3072),
+}
+
+# What makes an encoder BERT and a decoder GPT-2.
+ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
+    "encoder": dict(norm="post", activation="gelu", ln_eps=1e-12, n_segments=2, embed_norm=True),
+    "decoder": dict(norm="pre", activation="gelu_tanh", ln_eps=1e-5, n_segments=0, embed_norm=False),
+}
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration mistake; the message says what to change."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "custom"
+    arch: str = "encoder"  # encoder (bidirectional) | decoder (causal)
+    vocab_size: int = 8192
+    max_seq_len: int = 512
+    n_layers: int = 2
+    d_model: int = 128
+    n_heads: int = 2
+    d_ff: int = 512
+    norm: str = "post"  # post-LN (BERT) | pre-LN (GPT-2)
+    activation: str = "gelu"  # gelu (erf) | gelu_tanh
+    ln_eps: float = 1e-12
+    n_segments: int = 2  # token-type embeddings; 0 for none
+    embed_norm: bool = True  # LayerNorm after the embeddings (BERT)
+    dropout: float = 0.0
+    pad_id: int = 0
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCH_DEFAULTS:
+            raise ConfigError(f"model.arch={self.arch!r} is unknown; use one of {sorted(ARCH_DEFAULTS)}")
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}")
+
+    @classmethod
+    def from_name(cls, name: str, arch: str = "encoder", **overrides: Any) -> "ModelConfig":
+        if name not in SIZES:
+            raise ConfigError(f"model size {name!r} is unknown; use one of {sorted(SIZES)} or give the dimensions")
+        if arch not in ARCH_DEFAULTS:
+            raise ConfigError(f"model.arch={arch!r} is unknown; use one of {sorted(ARCH_DEFAULTS)}")
+        return cls(name=name, arch=arch, **{**SIZES[name], **ARCH_DEFAULTS[arch], **overrides})
+
+    @property
+    def causal(self) -> bool:
+        return self.arch == "decoder"
+
+
+@dataclass
+class TrainConfig:
+    """Everything `python -m model.train` needs; saved beside every checkpoint."""
+
+    objective: str = "mlm"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data_dir: str = ""  # folder with <split>.npy example rows made by the objective
+    out_dir: str = ""
+    seq_len: int = 128
+    batch_size: int = 32
+    max_steps: int = 200
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    eval_interval: int = 50
+    eval_batches: int = 20
+    log_interval: int = 10
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    compile: str = "auto"  # auto (on for CUDA) | true | false
+    num_threads: int = 0  # CPU threads; 0 leaves torch's default
+    mask_prob: float = 0.15
+    mask_token_ratio: float = 0.8
+    random_token_ratio: float = 0.1
+    specials: dict[str, int] = field(default_factory=dict)  # pad, unk, cls, sep, mask ids of the tokenizer
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def load_dataclass(cls: type, data: dict[str, Any] | None, where: str = "") -> Any:
+    """Build a (nested) dataclass from a dict, rejecting unknown keys with the path that is wrong."""
+    data = dict(data or {})
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        key = f"{where}{unknown[0]}"
+        raise ConfigError(f"unknown config key {key!r}; valid keys{' under ' + where.rstrip('.') if where else ''}: {', '.join(sorted(names))}")
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if _is_dataclass_type(tp) and isinstance(value, dict):
+            value = load_dataclass(tp, value, f"{where}{name}.")
+        kwargs[name] = _coerce(value, tp, f"{where}{name}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Accept YAML/CLI scalars for the declared type (e.g. '3' for int), reject the rest clearly."""
+    origin = typing.get_origin(tp)
+    if tp is Any or value is None or _is_dataclass_type(tp):
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key {key!r} expects a list, got {value!r}")
+        (item_tp, *_) = typing.get_args(tp) or (Any,)
+        if _is_dataclass_type(item_tp):
+            return [v if isinstance(v, item_tp) else load_dataclass(item_tp, v, f"{key}[{i}].") for i, v in enumerate(value)]
+        return [_coerce(v, item_tp, key) for v in value]
+    if origin in (dict,):
+        return dict(value)
+    if origin in (typing.Union, types.UnionType):
+        return value
+    try:
+        if tp is bool and isinstance(value, str):
+            if value.lower() in ("true", "1", "yes", "on"):
+                return True
+            if value.lower() in ("false", "0", "no", "off"):
+                return False
+            raise ValueError(value)
+        if tp in (int, float) and isinstance(value, bool):
+            raise ValueError(value)
+        return tp(value) if tp in (int, float, str, bool) else value
+    except (TypeError, ValueError):
+        raise ConfigError(f"config key {key!r} expects {getattr(tp, '__name__', tp)}, got {value!r}") from None
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    return dataclasses.asdict(obj)

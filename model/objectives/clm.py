@@ -1,0 +1,47 @@
+"""Autoregressive (causal) language modelling (GPT, Radford et al. 2018): predict the next token.
+
+Documents are packed into one stream with a separator after each, cut into rows of seq_len + 1
+tokens overlapping by one, so every token of the stream is a target exactly once.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import ModelConfig
+from model.data import chunk_rows, pack_stream
+from model.transformer import Transformer
+
+ARCH = "decoder"
+
+
+def make_examples(tokens: np.ndarray, offsets: np.ndarray, seq_len: int, specials: dict[str, int]) -> np.ndarray:
+    return chunk_rows(pack_stream(tokens, offsets, specials["sep"]), seq_len + 1, seq_len)
+
+
+class CausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = Transformer(cfg)
+
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        # The output projection is tied to the input embeddings, as in GPT-2.
+        return F.linear(self.backbone(input_ids, attention_mask), self.backbone.tok_emb.weight)
+
+    def forward(self, rows: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
+        inputs, targets = rows[:, :-1], rows[:, 1:]
+        logits = self.logits(inputs)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        with torch.no_grad():
+            accuracy = (logits.argmax(-1) == targets).float().mean()
+        return loss, {"next_token_accuracy": accuracy, "n_predicted": targets.numel()}
+
+    def flops_per_token(self, seq_len: int) -> float:
+        return self.backbone.flops_per_token(seq_len) + 6 * self.cfg.d_model * self.cfg.vocab_size
+
+
+def build(cfg: ModelConfig, train_cfg=None, specials: dict[str, int] | None = None) -> CausalLM:
+    return CausalLM(cfg)

@@ -1,0 +1,81 @@
+"""Prefect tasks over the warehouse: ingest, downstream task, snapshot, tokenizer, shards, examples."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+from prefect import task
+
+from model.data import save_rows
+from model.objectives import get_objective
+from tasks.caching import retry_on_io, stage_cache_key
+from warehouse import store
+from warehouse.shards import load_split, write_token_shards
+from warehouse.sources import SourceSpec, expand
+from warehouse.tokenizer import TokenizerConfig, train_tokenizer
+
+CACHED = dict(persist_result=True, result_serializer="json")
+
+
+def source_fingerprint(specs: list[dict]) -> list:
+    """What an ingest depends on: every input file's path, size and mtime (the interpreter for built-ins)."""
+    import sys
+
+    out = []
+    for spec in specs:
+        s = SourceSpec(**spec)
+        if s.builtin:
+            out.append([s.builtin, sys.version])
+        else:
+            out.append([[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in expand(s)])
+    return out
+
+
+@task(name="ingest", cache_key_fn=stage_cache_key("warehouse"), retries=2, retry_delay_seconds=2,
+      retry_condition_fn=retry_on_io, **CACHED)
+def ingest_corpus(db_path: str, sources: list[dict], min_chars: int, fingerprint: list) -> dict:
+    report = store.ingest(db_path, [SourceSpec(**s) for s in sources], min_chars)
+    return {**asdict(report), "outputs": [db_path]}
+
+
+@task(name="downstream-task", cache_key_fn=stage_cache_key("warehouse"), **CACHED)
+def define_downstream_task(db_path: str, task_name: str, source: str, n_classes: int, min_chars: int,
+                           val_frac: float, test_frac: float, ingest_key: str) -> dict:
+    t = store.define_label_task(db_path, task_name, source, n_classes, min_chars, val_frac, test_frac)
+    return {**asdict(t), "outputs": [db_path]}
+
+
+@task(name="snapshot", cache_key_fn=stage_cache_key("warehouse"), **CACHED)
+def snapshot_corpus(db_path: str, name: str, sources: list[str], val_frac: float, test_frac: float,
+                    upstream_key: str) -> dict:
+    info = store.create_snapshot(db_path, name, sources, val_frac, test_frac)
+    return {**asdict(info), "outputs": [db_path]}
+
+
+@task(name="tokenizer", cache_key_fn=stage_cache_key("warehouse"), **CACHED)
+def tokenizer_for(db_path: str, snapshot_id: str, config: dict, out_path: str) -> dict:
+    info = train_tokenizer(db_path, snapshot_id, TokenizerConfig(**config), out_path)
+    return {**info, "path": out_path, "outputs": [out_path]}
+
+
+@task(name="token-shards", cache_key_fn=stage_cache_key("warehouse"), retries=2, retry_delay_seconds=2,
+      retry_condition_fn=retry_on_io, **CACHED)
+def tokenize_snapshot(db_path: str, snapshot_id: str, tokenizer_path: str, out_dir: str) -> dict:
+    counts = write_token_shards(db_path, snapshot_id, tokenizer_path, out_dir)
+    return {"splits": counts, "dir": out_dir, "outputs": [os.path.join(out_dir, "meta.json")]}
+
+
+@task(name="examples", cache_key_fn=stage_cache_key("model", "warehouse"), **CACHED)
+def make_examples(objective: str, shard_dir: str, seq_len: int, specials: dict, out_dir: str) -> dict:
+    """The objective's example maker over each split's token stream, written as memory-mappable rows."""
+    maker = get_objective(objective).make_examples
+    counts = {}
+    for split in store.SPLITS:
+        tokens, offsets = load_split(shard_dir, split)
+        rows = maker(tokens, offsets, seq_len, specials)
+        save_rows(Path(out_dir) / f"{split}.npy", rows)
+        counts[split] = int(len(rows))
+    (Path(out_dir) / "meta.json").write_text(json.dumps({"objective": objective, "seq_len": seq_len, "rows": counts}))
+    return {"rows": counts, "dir": out_dir, "outputs": [str(Path(out_dir) / f"{s}.npy") for s in store.SPLITS]}

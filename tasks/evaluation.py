@@ -1,0 +1,49 @@
+"""Downstream evaluation: fine-tune a pretrained (or random) backbone, score with scikit-learn."""
+from __future__ import annotations
+
+import numpy as np
+from prefect import task
+from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+from tokenizers import Tokenizer
+
+from model.checkpoint import load_pretrained
+from model.config import ModelConfig, load_dataclass
+from model.finetune import FinetuneConfig, finetune, random_backbone
+from tasks.caching import stage_cache_key
+from warehouse.store import SPLITS, task_split
+
+
+def classification_metrics(labels, predictions) -> dict[str, float]:
+    return {
+        "accuracy": float(accuracy_score(labels, predictions)),
+        "macro_f1": float(f1_score(labels, predictions, average="macro", zero_division=0)),
+        "mcc": float(matthews_corrcoef(labels, predictions)),
+    }
+
+
+@task(name="finetune", cache_key_fn=stage_cache_key("model", "warehouse"), persist_result=True, result_serializer="json")
+def finetune_downstream(db_path: str, task_name: str, labels: list[str], tokenizer_path: str, specials: dict,
+                        finetune_config: dict, seed: int, checkpoint: str | None = None,
+                        random_model: dict | None = None, variant: str = "") -> dict:
+    """Exactly one of `checkpoint` (a pretrained model) or `random_model` (a ModelConfig: the floor)."""
+    if checkpoint:
+        backbone = load_pretrained(checkpoint)[0].backbone
+    else:
+        backbone = random_backbone(load_dataclass(ModelConfig, random_model), seed)
+    index = {label: i for i, label in enumerate(labels)}
+    splits = {}
+    for split in SPLITS:
+        texts, names = task_split(db_path, task_name, split)
+        if not texts:
+            raise ValueError(f"downstream task {task_name!r} has an empty {split} split; lower downstream.n_classes "
+                             "or raise downstream.val_frac / test_frac")
+        splits[split] = (texts, [index[n] for n in names])
+    cfg = load_dataclass(FinetuneConfig, {**finetune_config, "seed": seed})
+    out = finetune(backbone, Tokenizer.from_file(tokenizer_path), specials, splits, len(labels), cfg,
+                   label=f"finetune {variant} seed {seed}")
+    scores = {split: classification_metrics(out["labels"][split], out["predictions"][split])
+              for split in ("validation", "test")}
+    confusion = np.zeros((len(labels), len(labels)), dtype=int)
+    for y, p in zip(out["labels"]["test"], out["predictions"]["test"]):
+        confusion[y, p] += 1
+    return {"seed": seed, "scores": scores, "curve": out["curve"], "confusion": confusion.tolist(), "outputs": []}
