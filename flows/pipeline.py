@@ -34,9 +34,10 @@ class Stages:
     def __init__(self, total: int):
         self.total, self.n, self.cached, self.ran = total, 0, [], []
 
-    def done(self, name: str, cached: bool, detail: str = "") -> None:
+    def done(self, name: str, cached: bool, detail: str = "", computes: bool = True) -> None:
         self.n += 1
-        (self.cached if cached else self.ran).append(name)
+        if computes:  # the report is always rewritten: it is not a cacheable computation
+            (self.cached if cached else self.ran).append(name)
         tag = "[dim]cached[/dim]" if cached else "[green]done[/green]"
         console.print(f"[bold]\\[{self.n}/{self.total}][/bold] {name:<22} {tag}  {detail}")
 
@@ -148,7 +149,7 @@ def _run(cfg, ws, db, c, exp_id, parent, stages, has_task, logger) -> dict:
         variants.append({"name": objective, "objective": objective, "arch": obj.ARCH, "run_id": run_id,
                          "summary": s, "metrics_file": result["metrics_file"], "checkpoint": result["checkpoint"],
                          "hf_dir": result["hf_dir"], "train_config": train_config, "downstream": []})
-        stages.done(f"intrinsic eval {objective}", True if cached else False,
+        stages.done(f"intrinsic eval {objective}", cached,
                     "val " + ", ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in s.items() if k.startswith("val/")))
 
     if has_task:
@@ -169,7 +170,7 @@ def _run(cfg, ws, db, c, exp_id, parent, stages, has_task, logger) -> dict:
                 t = ft["scores"]["test"]
                 stages.done(f"finetune {v['name']} s{seed}", cached, f"test accuracy {t['accuracy']:.3f}, macro-F1 {t['macro_f1']:.3f}")
             _log_downstream(c, v, task["name"])
-        stages.done("report", False)
+        stages.done("report", False, computes=False)
 
     context = {"snapshot_id": snapshot_id, "n_documents": snap["n_documents"],
                "train_tokens": shards["splits"]["train"]["tokens"],

@@ -1,0 +1,57 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SPECIALS = {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory):
+    """A real Prefect server (temporary database) shared by the tests that run flows."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch):
+    home = tmp_path / "workspace"
+    monkeypatch.setenv("PRETRAIN_HOME", str(home))
+    return home
+
+
+def write_corpus(folder: Path, n_docs: int = 60) -> Path:
+    """A small corpus of distinct, sentence-like documents in .txt, .md and .jsonl."""
+    import json
+    import random
+
+    rng = random.Random(0)
+    words = ("data model token train layer attention mask predict sentence corpus python function value "
+             "return object module class method string list number file error test run loss").split()
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(n_docs):
+        text = " ".join(" ".join(rng.choice(words) for _ in range(12)) + "." for _ in range(6))
+        if i % 3 == 0:
+            (folder / f"doc{i}.txt").write_text(text)
+        elif i % 3 == 1:
+            (folder / f"doc{i}.md").write_text(f"# Title {i}\n\n{text}")
+        else:
+            lines.append(json.dumps({"meta": {"id": i}, "text": text}))
+    (folder / "docs.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: int = 600):
+    import subprocess
+
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})

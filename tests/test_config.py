@@ -1,0 +1,67 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.config import CONFIG_DIR, load_config
+from model.config import SIZES, ConfigError, ModelConfig
+from model.objectives import get_objective
+
+SHIPPED = sorted(CONFIG_DIR.rglob("*.yaml"))
+
+
+def test_configs_are_shipped():
+    assert any(p.name == "demo.yaml" for p in SHIPPED)
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_config_loads(path: Path):
+    cfg = load_config(path)
+    assert cfg.objectives
+    for objective in cfg.objectives:
+        arch = get_objective(objective).ARCH
+        assert cfg.model_config(arch, 1000).arch == arch
+
+
+@pytest.mark.parametrize("size", sorted(SIZES))
+def test_every_size_builds_for_both_families(size):
+    for arch in ("encoder", "decoder"):
+        cfg = ModelConfig.from_name(size, arch=arch)
+        assert cfg.d_model % cfg.n_heads == 0
+
+
+def test_overrides_apply_with_types():
+    cfg = load_config("demo.yaml", ["train.max_steps=7", "model.size=tiny", "objectives=[clm]",
+                                    "corpus.path=/some/where", "downstream.seeds=[1, 2]"])
+    assert cfg.train["max_steps"] == 7 and cfg.model.size == "tiny" and cfg.objectives == ["clm"]
+    assert cfg.corpus.source_specs()[0].path == "/some/where"
+    assert cfg.downstream.seeds == [1, 2]
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.max_stepz=3", "unknown config key 'train.max_stepz'"),
+    ("corpus.pathh=x", "unknown config key 'corpus.pathh'"),
+    ("objectives=[mlm, gpt5]", "unknown objective 'gpt5'"),
+    ("model.size=huge", "model size 'huge' is unknown"),
+    ("train.objective=mlm", "train.objective is set by the pipeline"),
+    ("train.max_steps=many", "expects int"),
+    ("model.overrides={n_layerz: 3}", "model.overrides.n_layerz"),
+    ("max_steps", "is not key=value"),
+])
+def test_bad_config_is_one_clear_line(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config("demo.yaml", [override])
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_and_malformed_config_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    bad.write_text(yaml.safe_dump(["a", "list"]))
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(bad)
