@@ -23,7 +23,7 @@ from warehouse.store import WarehouseError
 
 app = typer.Typer(help="An orchestrated lab for pretraining Transformers and comparing objectives.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 USER_ERRORS = (ConfigError, SourceError, WarehouseError, FileNotFoundError)
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -82,11 +82,27 @@ def _execute(config: str, overrides: list[str]) -> dict:
     try:
         result = state.result()
     except USER_ERRORS as exc:
-        fail(str(exc))
+        _exit_after_failure(str(exc), 2)
     except Exception as exc:  # noqa: BLE001 - any other failure: one line, details in Prefect's log above
-        fail(f"{type(exc).__name__}: {exc} (flow run state: {state.name})", code=1)
+        _exit_after_failure(f"{type(exc).__name__}: {exc} (flow run state: {state.name})", 1)
     _print_summary(result, ws, elapsed)
     return result
+
+
+def _exit_after_failure(message: str, code: int) -> None:
+    """Print the one-line error, run the exit handlers (they stop Prefect's temporary server), and exit.
+
+    Interpreter finalisation is skipped on purpose: with a failed flow's traceback still referenced
+    by Prefect's state, DuckDB's bindings print a page of spurious "leaked instance" reports.
+    """
+    import atexit
+
+    console.print(f"[bold red]error:[/bold red] {message}")
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _print_summary(result: dict, ws: Workspace, elapsed: float) -> None:

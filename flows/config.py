@@ -32,7 +32,9 @@ class CorpusConfig:
 
     def source_specs(self) -> list[SourceSpec]:
         if self.path:
-            return [SourceSpec(name=self.name, path=self.path, text_field=self.text_field)]
+            # Named after the corpus, never after a built-in source it replaces (e.g. in demo.yaml).
+            name = self.name if self.name not in {s.builtin for s in self.sources} else "corpus"
+            return [SourceSpec(name=name, path=self.path, text_field=self.text_field)]
         return self.sources
 
 

@@ -24,8 +24,9 @@ from tasks.evaluation import finetune_downstream
 from tasks.tracking import client, experiment_id, log_metric_rows, log_metrics, log_params, read_metric_rows, start_run
 from tasks.training import pretrain
 from tasks.workspace import Workspace, git_commit
+from warehouse.sources import SourceSpec
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 
 class Stages:
@@ -75,8 +76,13 @@ def pretrain_pipeline(config_path: str = "demo.yaml", overrides: list[str] | Non
 
 def _run(cfg, ws, db, c, exp_id, parent, stages, has_task, logger) -> dict:
     sources = [asdict(s) for s in cfg.corpus.source_specs()]
-    fingerprint = source_fingerprint(sources)
-    ingest, cached = run_stage(ingest_corpus, db_path=db, sources=sources, min_chars=cfg.corpus.min_chars,
+    ingest_sources = list(sources)
+    if has_task and cfg.downstream.source not in {s["name"] for s in sources}:
+        # The built-in task's documents are read too, for evaluation only: the snapshot below is
+        # made of the corpus sources alone.
+        ingest_sources.append(asdict(SourceSpec(name=cfg.downstream.source, builtin="python-docs")))
+    fingerprint = source_fingerprint(ingest_sources)
+    ingest, cached = run_stage(ingest_corpus, db_path=db, sources=ingest_sources, min_chars=cfg.corpus.min_chars,
                                fingerprint=fingerprint)
     stages.done("ingest", cached, f"{ingest['n_documents']:,} documents, {ingest['n_rejects']} rejects")
     upstream = config_hash(fingerprint)

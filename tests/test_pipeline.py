@@ -189,9 +189,10 @@ def test_cli_empty_corpus_is_one_line(tmp_path):
     out = run_cli("run", "-c", str(tiny_config(tmp_path)), "--set", f"corpus.path={corpus}",
                   env={"PRETRAIN_HOME": str(tmp_path / "ws")}, timeout=300)
     assert out.returncode == 2
-    last = [ln for ln in out.stderr.splitlines() if ln.strip()][-1]
-    assert last.startswith("error: the corpus is empty: 2 inputs gave no documents"), out.stderr[-2000:]
-    assert "Traceback" not in out.stderr
+    errors = [ln for ln in out.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1, out.stderr[-2000:]
+    assert errors[0].startswith("error: the corpus is empty: 2 inputs gave no documents (2 empty after cleaning)")
+    assert "Traceback" not in out.stderr and "leaked" not in out.stderr
 
 
 def test_user_corpus_folder_runs(prefect_harness, workspace, tmp_path):
@@ -199,7 +200,16 @@ def test_user_corpus_folder_runs(prefect_harness, workspace, tmp_path):
 
     corpus = write_corpus(tmp_path / "corpus", 120)
     result = pretrain_pipeline(config_path=str(tiny_config(tmp_path)), overrides=[
-        f"corpus.path={corpus}", "corpus.name=mine", "downstream.task=none", "objectives=[clm]",
-        "train.max_steps=10", "corpus.val_frac=0.2"])
-    assert set(result["runs"]) == {"clm"}
-    assert "clm" in Path(result["report"]).read_text()
+        f"corpus.path={corpus}", "corpus.name=mine", "objectives=[clm]", "train.max_steps=10",
+        "corpus.val_frac=0.2"])
+    assert set(result["runs"]) == {"clm", "random-init"}
+    assert "| clm |" in Path(result["report"]).read_text()
+    # The built-in task was read for evaluation, but only the user's documents were pretrained on.
+    import duckdb
+
+    from tasks.workspace import Workspace
+
+    with duckdb.connect(str(Workspace.from_env().warehouse), read_only=True) as con:
+        sources = con.execute("""SELECT DISTINCT p.source FROM snapshot_documents s JOIN provenance p USING (doc_id)
+                                 WHERE s.snapshot_id = ?""", [result["snapshot_id"]]).fetchall()
+    assert sources == [("mine",)]

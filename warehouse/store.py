@@ -89,9 +89,11 @@ def ingest(db_path: str | Path, sources: list[SourceSpec], min_chars: int = 32) 
     prov: dict[tuple[str, str, str], str] = {}
     rejects: dict[tuple[str, str, str], None] = {}
     report = IngestReport()
+    per_source: dict[str, Counter] = {spec.name: Counter() for spec in sources}
     for spec in sources:
         for item in read_source(spec):
             report.n_inputs += 1
+            per_source[spec.name]["inputs"] += 1
             if isinstance(item, Reject):
                 rejects[(item.source, item.path, item.reason)] = None
                 continue
@@ -104,6 +106,7 @@ def ingest(db_path: str | Path, sources: list[SourceSpec], min_chars: int = 32) 
                 continue
             did = doc_id(text)
             docs[did] = text
+            per_source[spec.name]["documents"] += 1
             prov[(did, item.source, item.path)] = item.label
     report.n_documents = len(docs)
     report.n_rejects = len(rejects)
@@ -126,10 +129,13 @@ def ingest(db_path: str | Path, sources: list[SourceSpec], min_chars: int = 32) 
                     [hashlib.sha256(spec_json.encode()).hexdigest()[:16], spec_json, now,
                      report.n_inputs, report.n_documents, report.n_new, report.n_rejects])
         con.commit()
-    if report.n_documents == 0:
-        reasons = ", ".join(f"{n} {r}" for r, n in report.reject_reasons.items()) or "no input files"
-        raise WarehouseError(f"the corpus is empty: {report.n_inputs} inputs gave no documents ({reasons}); "
-                             "point corpus.sources at .txt / .md / .jsonl files with text")
+    del con  # a traceback must not keep a DuckDB object alive (its bindings report leaks at exit)
+    for name, n in per_source.items():
+        if n["documents"] == 0:
+            reasons = Counter(r.split(":")[0].split(" (")[0] for (src, _, r) in rejects if src == name)
+            why = ", ".join(f"{k} {r}" for r, k in reasons.items()) or "no input files"
+            raise WarehouseError(f"the corpus is empty: {n['inputs']} inputs gave no documents ({why}); "
+                                 f"point source {name!r} at .txt / .md / .jsonl files with text")
     return report
 
 
@@ -149,10 +155,13 @@ def define_label_task(db_path: str | Path, task: str, source: str, n_classes: in
                WHERE p.source = ? AND p.label <> '' AND d.n_chars >= ?
                GROUP BY p.doc_id HAVING count(DISTINCT p.label) = 1""",  # ambiguous texts are left out
             [source, min_chars]).fetchall()
-        freq = Counter(label for _, label in rows if not label.startswith("_"))
-        labels = sorted(label for label, _ in freq.most_common(n_classes))
-        if len(labels) < 2:
-            raise WarehouseError(f"task {task!r} needs labelled documents in source {source!r}; found {len(labels)} label(s)")
+    del con
+    freq = Counter(label for _, label in rows if not label.startswith("_"))
+    labels = sorted(label for label, _ in freq.most_common(n_classes))
+    if len(labels) < 2:
+        raise WarehouseError(f"task {task!r} needs labelled documents in source {source!r}; found {len(labels)} label(s)"
+                             "; set downstream.task=none for a corpus without the built-in task")
+    with connect(db_path) as con:
         chosen = [(d, lab) for d, lab in rows if lab in labels]
         examples = pa.table({"task": [task] * len(chosen), "doc_id": [d for d, _ in chosen],
                              "label": [lab for _, lab in chosen],
@@ -184,8 +193,10 @@ def create_snapshot(db_path: str | Path, name: str, sources: list[str], val_frac
         ids = [r[0] for r in con.execute(
             f"""SELECT DISTINCT doc_id FROM provenance WHERE source IN ({placeholders})
                 AND doc_id NOT IN (SELECT doc_id FROM task_examples) ORDER BY doc_id""", sources).fetchall()]
-        if not ids:
-            raise WarehouseError(f"no pretraining documents in sources {sources}; ingest them first")
+    del con
+    if not ids:
+        raise WarehouseError(f"no pretraining documents in sources {sources}; ingest them first")
+    with connect(db_path) as con:
         spec = {"sources": sorted(sources), "val_frac": val_frac, "test_frac": test_frac, "split_salt": "pretrain"}
         h = hashlib.sha256(json.dumps(spec, sort_keys=True).encode())
         for d in ids:
