@@ -85,9 +85,9 @@ def build_markdown(variants: list[dict], context: dict) -> str:
                 acc = downstream_summary(v["downstream"])["accuracy"]
                 delta = acc[0] - f_acc[0]
                 overlap = not (math.isnan(acc[1]) or math.isnan(f_acc[1])) and abs(delta) <= acc[1] + f_acc[1]
-                verdict = "beats" if delta > 0 else "does not beat"
+                verdict = "is above" if delta > 0 else "is not above"
                 note = " (the intervals overlap: not a significant difference)" if overlap else ""
-                lines.append(f"- `{v['name']}` {verdict} the random-init floor by {delta:+.3f} test accuracy{note}.")
+                lines.append(f"- `{v['name']}` {verdict} the random-init floor: {delta:+.3f} test accuracy{note}.")
             lines.append("")
     lines += [
         "Validation losses of different objectives measure different things (masked-token vs next-token "
