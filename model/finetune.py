@@ -16,6 +16,7 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from model.config import ModelConfig
+from model.train import resolve_device
 from model.transformer import Transformer, configure_optimizer, cosine_schedule
 
 
@@ -97,8 +98,7 @@ def finetune(
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     torch.manual_seed(cfg.seed)
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if cfg.device == "auto" else cfg.device))
+    device = resolve_device(cfg.device)
     mcfg, pad = backbone.cfg, backbone.cfg.pad_id
     data = {name: (encode(texts, tokenizer, mcfg, specials, cfg.max_len), np.asarray(labels))
             for name, (texts, labels) in splits.items()}

@@ -28,12 +28,12 @@ from model.transformer import configure_optimizer, cosine_schedule
 console = Console(stderr=True)
 
 
-def resolve_device(cfg: TrainConfig) -> torch.device:
-    if cfg.device == "auto":
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device=cuda but no CUDA device is visible; set train.device=auto or cpu")
-    return torch.device(cfg.device)
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but no CUDA device is visible; set device: auto or cpu")
+    return torch.device(name)
 
 
 def autocast_for(cfg: TrainConfig, device: torch.device):
@@ -72,7 +72,7 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg)
+    device = resolve_device(cfg.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

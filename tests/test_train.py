@@ -1,4 +1,5 @@
 """`python -m model.train` alone (no Prefect, no MLflow): learns, checkpoints atomically, fails clearly."""
+import contextlib
 import json
 import subprocess
 import sys
@@ -15,9 +16,10 @@ from tests.conftest import ROOT, SPECIALS
 
 
 def _rows(tmp_path, objective: str, seq_len: int = 32):
-    # A learnable stream: documents that repeat short patterns.
+    # A learnable stream: short patterns of Zipf-distributed tokens, repeated. The skewed unigram
+    # distribution gives both objectives something to learn within a few dozen steps.
     rng = np.random.default_rng(0)
-    docs = [np.tile(rng.integers(5, 200, size=rng.integers(3, 8)), 12)[:60] for _ in range(300)]
+    docs = [np.tile(np.minimum(4 + rng.zipf(1.3, size=rng.integers(3, 8)), 255), 12)[:60] for _ in range(300)]
     tokens = np.concatenate(docs).astype(np.uint16)
     offsets = np.concatenate([[0], np.cumsum([len(d) for d in docs])])
     rows = get_objective(objective).make_examples(tokens, offsets, seq_len, SPECIALS)
@@ -54,7 +56,8 @@ def test_train_learns_and_writes_a_verified_checkpoint(tmp_path, objective):
     losses = [r["train/loss"] for r in rows if "train/loss" in r]
     vals = [r["val/loss"] for r in rows if "val/loss" in r]
     assert len(losses) == 6 and len(vals) == 2
-    assert losses[-1] < losses[0] - 1.0 and vals[-1] < vals[0]
+    assert losses[-1] < np.log(256) - 2.0, losses  # far below the untrained (uniform) loss
+    assert vals[-1] < np.log(256) - 1.5, vals
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["tokens_seen"] == 60 * 16 * (32 if objective == "mlm" else 33)
     assert summary["pretrain_flops"] > 0 and summary["device"] == "cpu"
@@ -92,8 +95,9 @@ def test_gpu_path_selects_bf16_autocast_only_on_cuda():
     from model.train import autocast_for, resolve_device
 
     cfg = TrainConfig()
-    device = resolve_device(cfg)
+    device = resolve_device(cfg.device)
     assert device.type == ("cuda" if torch.cuda.is_available() else "cpu")
-    ctx = autocast_for(cfg, torch.device("cuda"))()
+    with pytest.warns(UserWarning) if not torch.cuda.is_available() else contextlib.nullcontext():
+        ctx = autocast_for(cfg, torch.device("cuda"))()
     assert isinstance(ctx, torch.autocast) and ctx.fast_dtype == torch.bfloat16
     assert not isinstance(autocast_for(cfg, torch.device("cpu"))(), torch.autocast)
