@@ -148,6 +148,50 @@ def _start(cmd: list[str], env: dict) -> subprocess.Popen:
                             start_new_session=True)
 
 
+def _prefect_server_cmd(host: str, port: int) -> list[str]:
+    bin_dir = Path(sys.executable).parent
+    exe = str(bin_dir / "prefect") if (bin_dir / "prefect").exists() else shutil.which("prefect") or "prefect"
+    return [exe, "server", "start", "--host", host, "--port", str(port)]
+
+
+def _server_env(host: str, port: int) -> dict:
+    env = {**os.environ, "PREFECT_SERVER_API_HOST": host, "PREFECT_SERVER_API_PORT": str(port)}
+    env.pop("PREFECT_API_URL", None)
+    return env
+
+
+def _stop(procs) -> None:
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+
+
+def _wait_healthy(procs: dict, health: dict, ports: dict, timeout: float, on_ready=None) -> None:
+    """Wait until every server answers its health URL; one line and exit if one dies or times out."""
+    deadline = time.monotonic() + timeout
+    pending = set(procs)
+    while pending and time.monotonic() < deadline:
+        for name in list(pending):
+            if procs[name].poll() is not None:
+                err = (procs[name].stderr.read() or "").strip().splitlines()
+                _stop(procs.values())
+                fail(f"the {name} server exited: {err[-1] if err else 'no output'} "
+                     f"(is port {ports[name]} in use? pass --{name.lower()}-port)")
+            if _answers(health[name]):
+                pending.discard(name)
+                if on_ready:
+                    on_ready(name)
+        time.sleep(0.5)
+    if pending:
+        _stop(procs.values())
+        fail(f"{', '.join(sorted(pending))} did not answer within {timeout:.0f} s")
+
+
 @app.command()
 def ui(
     host: str = typer.Option("127.0.0.1", help="Interface to bind. Anything but loopback exposes your runs."),
@@ -160,51 +204,24 @@ def ui(
     if host not in LOOPBACK:
         console.print(f"[bold yellow]warning:[/bold yellow] binding to {host} exposes the UIs (no authentication) "
                       "to every machine that can reach it")
-    env = {**os.environ, "PREFECT_SERVER_API_HOST": host, "PREFECT_SERVER_API_PORT": str(prefect_port)}
-    env.pop("PREFECT_API_URL", None)
-    bin_dir = Path(sys.executable).parent
-    prefect_cmd = [str(bin_dir / "prefect") if (bin_dir / "prefect").exists() else shutil.which("prefect") or "prefect",
-                   "server", "start", "--host", host, "--port", str(prefect_port)]
+    env = _server_env(host, prefect_port)
     mlflow_cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", ws.mlflow_uri,
                   "--default-artifact-root", ws.artifacts.as_uri(), "--host", host, "--port", str(mlflow_port)]
-    procs = {"Prefect": _start(prefect_cmd, env), "MLflow": _start(mlflow_cmd, env)}
+    procs = {"Prefect": _start(_prefect_server_cmd(host, prefect_port), env), "MLflow": _start(mlflow_cmd, env)}
     shown = "127.0.0.1" if host in LOOPBACK else host
     urls = {"Prefect": f"http://{shown}:{prefect_port}", "MLflow": f"http://{shown}:{mlflow_port}"}
     health = {"Prefect": urls["Prefect"] + "/api/health", "MLflow": urls["MLflow"] + "/health"}
-
-    def stop(*_):
-        for p in procs.values():
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in procs.values():
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-
-    signal.signal(signal.SIGTERM, lambda *a: (stop(), sys.exit(0)))
+    signal.signal(signal.SIGTERM, lambda *a: (_stop(procs.values()), sys.exit(0)))
     try:
-        deadline = time.monotonic() + timeout
-        pending = set(procs)
-        while pending and time.monotonic() < deadline:
-            for name in list(pending):
-                if procs[name].poll() is not None:
-                    err = (procs[name].stderr.read() or "").strip().splitlines()
-                    fail(f"the {name} server exited: {err[-1] if err else 'no output'} (is port "
-                         f"{prefect_port if name == 'Prefect' else mlflow_port} in use? pass --{name.lower()}-port)")
-                if _answers(health[name]):
-                    pending.discard(name)
-                    console.print(f"[green]{name} UI[/green]  {urls[name]}")
-            time.sleep(0.5)
-        if pending:
-            fail(f"{', '.join(sorted(pending))} did not answer within {timeout:.0f} s")
+        _wait_healthy(procs, health, {"Prefect": prefect_port, "MLflow": mlflow_port}, timeout,
+                      lambda name: console.print(f"[green]{name} UI[/green]  {urls[name]}"))
         console.print(f"workspace {ws.root}; Ctrl-C stops both")
         while all(p.poll() is None for p in procs.values()):
             time.sleep(1)
     except KeyboardInterrupt:
         pass
     finally:
-        stop()
+        _stop(procs.values())
 
 
 @app.command()
@@ -212,6 +229,7 @@ def serve(
     config: str = typer.Option("demo.yaml", "--config", "-c", help="Pipeline config for the scheduled runs."),
     cron: str = typer.Option("0 3 * * *", help="Schedule (cron, UTC)."),
     name: str = typer.Option("pretrain-pipeline", help="Deployment name."),
+    prefect_port: int = typer.Option(4200, help="Port of the Prefect server started when none is configured."),
     set_: list[str] = SetOption,
 ) -> None:
     """Serve the pipeline deployment with its schedule (no work pool needed); runs show in the Prefect UI."""
@@ -224,7 +242,22 @@ def serve(
         fail(str(exc))
     from flows.pipeline import pretrain_pipeline
 
-    pretrain_pipeline.serve(name=name, cron=cron, parameters={"config_path": config, "overrides": list(set_)})
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    server, api_url = None, PREFECT_API_URL.value()
+    if not api_url:
+        # Schedules need a real server (a temporary one runs no scheduler): start one on loopback.
+        url = f"http://127.0.0.1:{prefect_port}"
+        server = _start(_prefect_server_cmd("127.0.0.1", prefect_port), _server_env("127.0.0.1", prefect_port))
+        _wait_healthy({"Prefect": server}, {"Prefect": f"{url}/api/health"}, {"Prefect": prefect_port}, 90)
+        api_url = f"{url}/api"
+        console.print(f"Prefect server and UI on {url} (stopped with this command)")
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: api_url}):
+            pretrain_pipeline.serve(name=name, cron=cron, parameters={"config_path": config, "overrides": list(set_)})
+    finally:
+        if server is not None:
+            _stop([server])
 
 
 def main() -> None:

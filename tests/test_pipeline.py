@@ -213,3 +213,28 @@ def test_user_corpus_folder_runs(prefect_harness, workspace, tmp_path):
         sources = con.execute("""SELECT DISTINCT p.source FROM snapshot_documents s JOIN provenance p USING (doc_id)
                                  WHERE s.snapshot_id = ?""", [result["snapshot_id"]]).fetchall()
     assert sources == [("mine",)]
+
+
+def test_serve_registers_the_scheduled_deployment_and_stops_its_server(tmp_path):
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--cron", "*/5 * * * *", "--prefect-port",
+                             str(port)], cwd=ROOT, env={**os.environ, "PRETRAIN_HOME": str(tmp_path / "ws")},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline, seen = time.monotonic() + 120, ""
+        while time.monotonic() < deadline and "being served" not in seen:
+            line = proc.stdout.readline()
+            if not line and proc.poll() is not None:
+                break
+            seen += line
+        assert "being served" in seen, seen[-2000:]
+        deps = _get(f"http://127.0.0.1:{port}/api/deployments/filter", b"{}")
+        (dep,) = [d for d in deps if d["name"] == "pretrain-pipeline"]
+        assert dep["parameters"] == {"config_path": "demo.yaml", "overrides": []}
+        assert [s["schedule"]["cron"] for s in dep["schedules"]] == ["*/5 * * * *"]
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=60)
+    time.sleep(1)
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2)
