@@ -124,8 +124,21 @@ def _print_summary(result: dict, ws: Workspace, elapsed: float) -> None:
     out.print(f"MLflow experiment: {result['experiment']} (id {result['experiment_id']}), parent run {result['parent_run_id']}")
     out.print("MLflow child runs: " + ", ".join(f"{k} {v}" for k, v in result["runs"].items()))
     out.print(f"Prefect flow run:  {result.get('flow_run_name', '')} ({result.get('flow_run_id', '')})")
-    out.print(f"open both UIs:     PRETRAIN_HOME={ws.root} pretrain ui   "
+    home = "" if ws.root == Workspace(Path("workspace").resolve()).root else f"PRETRAIN_HOME={ws.root} "
+    out.print(f"open both UIs:     {home}{_self_command()} ui   "
               "(Prefect http://127.0.0.1:4200, MLflow http://127.0.0.1:5000)")
+
+
+def _self_command() -> str:
+    """How the user can call this command again: `pretrain` if it is on PATH, else its path (.venv/bin/...)."""
+    argv0 = Path(sys.argv[0])
+    on_path = shutil.which("pretrain")
+    if argv0.name == "pretrain" and not (on_path and Path(on_path).resolve() == argv0.resolve()):
+        try:
+            return str(argv0.resolve().relative_to(Path.cwd()))
+        except ValueError:
+            return str(argv0)
+    return "pretrain"
 
 
 @app.command()
