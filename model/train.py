@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from model.checkpoint import save_checkpoint
-from model.config import ConfigError, ModelConfig, TrainConfig, load_dataclass, to_dict
+from model.config import ConfigError, ModelConfig, TrainConfig, load_dataclass
 from model.data import RowLoader, eval_batches, load_rows
 from model.objectives import get_objective
 from model.transformer import configure_optimizer, cosine_schedule

@@ -17,7 +17,7 @@ from typing import Iterator
 import duckdb
 import pyarrow as pa
 
-from warehouse.sources import RawDoc, Reject, SourceSpec, normalize, read_source
+from warehouse.sources import Reject, SourceSpec, normalize, read_source
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS documents (
@@ -113,16 +113,19 @@ def ingest(db_path: str | Path, sources: list[SourceSpec], min_chars: int = 32) 
     report.reject_reasons = dict(Counter(r.split(":")[0].split(" (")[0] for (_, _, r) in rejects))
     with connect(db_path) as con:
         con.begin()
-        new = pa.table({"doc_id": list(docs), "text": list(docs.values()),
-                        "n_chars": [len(t) for t in docs.values()], "first_seen": [now] * len(docs)})
+        new = pa.table(  # noqa: F841 - read by name in the SQL below (DuckDB replacement scan)
+            {"doc_id": list(docs), "text": list(docs.values()),
+             "n_chars": [len(t) for t in docs.values()], "first_seen": [now] * len(docs)})
         before = con.execute("SELECT count(*) FROM documents").fetchone()[0]
         con.execute("INSERT OR IGNORE INTO documents SELECT * FROM new")
         report.n_new = con.execute("SELECT count(*) FROM documents").fetchone()[0] - before
-        prov_t = pa.table({"doc_id": [k[0] for k in prov], "source": [k[1] for k in prov],
-                           "path": [k[2] for k in prov], "label": list(prov.values())})
+        prov_t = pa.table(  # noqa: F841 - read by name in the SQL below (DuckDB replacement scan)
+            {"doc_id": [k[0] for k in prov], "source": [k[1] for k in prov],
+             "path": [k[2] for k in prov], "label": list(prov.values())})
         con.execute("INSERT OR IGNORE INTO provenance SELECT * FROM prov_t")
-        rej_t = pa.table({"source": [k[0] for k in rejects], "path": [k[1] for k in rejects],
-                          "reason": [k[2] for k in rejects], "seen": [now] * len(rejects)})
+        rej_t = pa.table(  # noqa: F841 - read by name in the SQL below (DuckDB replacement scan)
+            {"source": [k[0] for k in rejects], "path": [k[1] for k in rejects],
+             "reason": [k[2] for k in rejects], "seen": [now] * len(rejects)})
         con.execute("INSERT OR IGNORE INTO rejects SELECT * FROM rej_t")
         spec_json = json.dumps([asdict(s) for s in sources], sort_keys=True)
         con.execute("INSERT INTO ingests VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -163,9 +166,10 @@ def define_label_task(db_path: str | Path, task: str, source: str, n_classes: in
                              "; set downstream.task=none for a corpus without the built-in task")
     with connect(db_path) as con:
         chosen = [(d, lab) for d, lab in rows if lab in labels]
-        examples = pa.table({"task": [task] * len(chosen), "doc_id": [d for d, _ in chosen],
-                             "label": [lab for _, lab in chosen],
-                             "split": [assign_split(d, task, val_frac, test_frac) for d, _ in chosen]})
+        examples = pa.table(  # noqa: F841 - read by name in the SQL below (DuckDB replacement scan)
+            {"task": [task] * len(chosen), "doc_id": [d for d, _ in chosen],
+             "label": [lab for _, lab in chosen],
+             "split": [assign_split(d, task, val_frac, test_frac) for d, _ in chosen]})
         con.begin()
         con.execute("DELETE FROM task_examples WHERE task = ?", [task])
         con.execute("INSERT INTO task_examples SELECT * FROM examples")
@@ -204,8 +208,9 @@ def create_snapshot(db_path: str | Path, name: str, sources: list[str], val_frac
         snapshot_id = h.hexdigest()[:16]
         exists = con.execute("SELECT 1 FROM snapshots WHERE snapshot_id = ?", [snapshot_id]).fetchone()
         if not exists:
-            members = pa.table({"snapshot_id": [snapshot_id] * len(ids), "doc_id": ids,
-                                "split": [assign_split(d, "pretrain", val_frac, test_frac) for d in ids]})
+            members = pa.table(  # noqa: F841 - read by name in the SQL below (DuckDB replacement scan)
+                {"snapshot_id": [snapshot_id] * len(ids), "doc_id": ids,
+                 "split": [assign_split(d, "pretrain", val_frac, test_frac) for d in ids]})
             con.begin()
             con.execute("INSERT INTO snapshot_documents SELECT * FROM members")
             n_chars = con.execute("SELECT sum(n_chars) FROM documents JOIN members USING (doc_id)").fetchone()[0]
