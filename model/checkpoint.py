@@ -15,7 +15,7 @@ from typing import Any
 import safetensors.torch
 from torch import nn
 
-from model.config import ModelConfig, TrainConfig, load_dataclass, to_dict
+from model.config import TrainConfig, read_train_config, to_dict
 
 MARKER = "COMPLETE"
 
@@ -77,10 +77,7 @@ def verify(path: str | Path) -> None:
 
 
 def load_train_config(path: str | Path) -> TrainConfig:
-    data = json.loads((Path(path) / "config.json").read_text())
-    cfg = load_dataclass(TrainConfig, {k: v for k, v in data.items() if k != "model"})
-    cfg.model = load_dataclass(ModelConfig, data["model"])
-    return cfg
+    return read_train_config(Path(path) / "config.json")
 
 
 def load_pretrained(path: str | Path) -> tuple[nn.Module, TrainConfig]:

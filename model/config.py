@@ -7,9 +7,11 @@ GPT-2 for the decoder), so every default model exports to `transformers` with id
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 # Dimensions only; the architecture family (encoder / decoder) adds the rest.
@@ -152,3 +154,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 def to_dict(obj: Any) -> dict[str, Any]:
     return dataclasses.asdict(obj)
+
+
+def read_train_config(path: str | Path) -> TrainConfig:
+    """A resolved training config written as JSON (beside a checkpoint, or for `model.train`)."""
+    return load_dataclass(TrainConfig, json.loads(Path(path).read_text()))

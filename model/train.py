@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from model.checkpoint import save_checkpoint
-from model.config import ConfigError, ModelConfig, TrainConfig, load_dataclass
+from model.config import ConfigError, TrainConfig, read_train_config
 from model.data import RowLoader, eval_batches, load_rows
 from model.objectives import get_objective
 from model.transformer import configure_optimizer, cosine_schedule
@@ -152,20 +152,12 @@ def train(cfg: TrainConfig) -> dict:
     return summary
 
 
-def load_config(path: str | Path) -> TrainConfig:
-    data = json.loads(Path(path).read_text())
-    model = load_dataclass(ModelConfig, data.pop("model", {}), "model.")
-    cfg = load_dataclass(TrainConfig, data)
-    cfg.model = model
-    return cfg
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="resolved training config (JSON)")
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(args.config)
+        cfg = read_train_config(args.config)
         summary = train(cfg)
     except (ConfigError, FileNotFoundError, ValueError, FloatingPointError) as exc:
         console.print(f"[red]error:[/red] {exc}")

@@ -1,8 +1,9 @@
 """One module per pretraining objective: its example maker, its collator and its loss.
 
-Each objective module exposes `ARCH`, `make_examples(tokens, offsets, seq_len, specials)`,
-`build(cfg: ModelConfig)` (the model with its head) and the model's `forward(batch, generator)`
-which returns `(loss, stats)`.
+Each objective module exposes `ARCH` (encoder / decoder), `make_examples(tokens, offsets, seq_len,
+specials)` (the example maker), `build(model_cfg, train_cfg, specials)` (the model with its head),
+whose `forward(rows, generator)` applies the objective's corruption (the collator's job, per
+batch) and returns `(loss, stats)`, and whose `logits(...)` serves evaluation and export.
 """
 from __future__ import annotations
 
