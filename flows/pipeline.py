@@ -5,6 +5,7 @@ per flow run and one child run per variant (each objective, and the random-init 
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict
 from pathlib import Path
 
@@ -168,7 +169,8 @@ def _run(cfg, ws, db, c, exp_id, parent, stages, has_task, logger) -> dict:
         ft_cfg = asdict(cfg.downstream.finetune)
         for v in variants:
             for seed in cfg.downstream.seeds:
-                source = ({"checkpoint": v["checkpoint"]} if v["objective"] else {"random_model": floor_cfg})
+                source = ({"checkpoint": v["checkpoint"], "checkpoint_digest": _digest(Path(v["checkpoint"]) / "COMPLETE")}
+                          if v["objective"] else {"random_model": floor_cfg})
                 ft, cached = run_stage(finetune_downstream, db_path=db, task_name=task["name"], labels=task["labels"],
                                        tokenizer_path=tok["path"], specials=specials, finetune_config=ft_cfg,
                                        seed=seed, variant=v["name"], **source)
@@ -213,6 +215,10 @@ def _log_downstream(c, v: dict, task_name: str) -> None:
     for ft in v["downstream"]:
         log_metric_rows(c, v["run_id"], [{"step": p["epoch"], f"finetune/seed{ft['seed']}/val_accuracy": p["val_accuracy"],
                                           f"finetune/seed{ft['seed']}/train_loss": p["train_loss"]} for p in ft["curve"]])
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _table_row(v: dict) -> dict:

@@ -24,8 +24,12 @@ def classification_metrics(labels, predictions) -> dict[str, float]:
 @task(name="finetune", cache_key_fn=stage_cache_key("model", "warehouse"), persist_result=True, result_serializer="json")
 def finetune_downstream(db_path: str, task_name: str, labels: list[str], tokenizer_path: str, specials: dict,
                         finetune_config: dict, seed: int, checkpoint: str | None = None,
-                        random_model: dict | None = None, variant: str = "") -> dict:
-    """Exactly one of `checkpoint` (a pretrained model) or `random_model` (a ModelConfig: the floor)."""
+                        checkpoint_digest: str = "", random_model: dict | None = None, variant: str = "") -> dict:
+    """Exactly one of `checkpoint` (a pretrained model) or `random_model` (a ModelConfig: the floor).
+
+    `checkpoint_digest` (the checkpoint's checksum marker) keys the cache on the weights themselves,
+    not only on the folder they were written to.
+    """
     if checkpoint:
         backbone = load_pretrained(checkpoint)[0].backbone
     else:
