@@ -98,6 +98,17 @@ class TrainConfig:
     mask_token_ratio: float = 0.8
     random_token_ratio: float = 0.1
     specials: dict[str, int] = field(default_factory=dict)  # pad, unk, cls, sep, mask ids of the tokenizer
+    grad_accum_steps: int = 1  # micro-batches of batch_size per optimizer step
+    checkpoint_interval: int = 0  # steps between resumable checkpoints; 0: eval_interval
+    keep_checkpoints: int = 2  # the last K resumable checkpoints are kept, plus the best by val loss
+    resume: bool = True  # continue from the newest valid checkpoint in out_dir when there is one
+    nonfinite: str = "stop"  # stop (checked every log_interval, no host sync per step) | skip (the step, syncs)
+
+    def __post_init__(self) -> None:
+        if self.nonfinite not in ("stop", "skip"):
+            raise ConfigError(f"train.nonfinite={self.nonfinite!r} is unknown; use stop or skip")
+        if self.grad_accum_steps < 1:
+            raise ConfigError(f"train.grad_accum_steps={self.grad_accum_steps} must be at least 1")
 
 
 def _is_dataclass_type(tp: Any) -> bool:

@@ -11,17 +11,20 @@ import argparse
 import contextlib
 import json
 import math
+import signal
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from model.checkpoint import save_checkpoint
+from model.checkpoint import (CheckpointError, CheckpointManager, load_train_config, load_training_state,
+                              restore_rng, rng_state, save_checkpoint)
 from model.config import ConfigError, TrainConfig, read_train_config
-from model.data import RowLoader, eval_batches, load_rows
+from model.data import LoaderState, RowLoader, eval_batches, load_rows
 from model.objectives import get_objective
 from model.transformer import configure_optimizer, cosine_schedule
 
@@ -66,6 +69,61 @@ def evaluate(model, rows, cfg: TrainConfig, device: torch.device, amp) -> dict[s
     return out
 
 
+class Stopped(Exception):
+    """SIGTERM arrived: the run saved a checkpoint at `step` and ends so that it can be resumed."""
+
+    def __init__(self, step: int):
+        super().__init__(f"stopped by SIGTERM at step {step}; a checkpoint is saved, re-run the same command to resume")
+        self.step = step
+
+
+class _SigtermFlag:
+    """Turns SIGTERM into a flag the loop checks between steps (a plain bool: no device sync)."""
+
+    def __init__(self):
+        self.raised = False
+
+    def __enter__(self):
+        self.previous = signal.signal(signal.SIGTERM, self._handle) if _main_thread() else None
+        return self
+
+    def _handle(self, signum, frame):
+        self.raised = True
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _check_resumable(saved: TrainConfig, cfg: TrainConfig, path: Path) -> None:
+    """Resuming is exact only with the same model, objective and data shapes; refuse anything else."""
+    for key in ("objective", "model", "data_dir", "seq_len", "batch_size", "grad_accum_steps", "seed", "lr",
+                "warmup_steps", "max_steps", "min_lr_ratio", "weight_decay", "mask_prob"):
+        if getattr(saved, key) != getattr(cfg, key):
+            raise ConfigError(f"checkpoint {path} was made with {key}={getattr(saved, key)!r}, this run has "
+                              f"{getattr(cfg, key)!r}; use another out_dir or set resume: false")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric rows logged after the resumed step: the resumed run logs them again."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):  # the half-written line of a killed run
+            continue
+    path.write_text("".join(line + "\n" for line in keep))
+
+
 def train(cfg: TrainConfig) -> dict:
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -90,39 +148,75 @@ def train(cfg: TrainConfig) -> dict:
     train_rows, val_rows = load_rows(cfg.data_dir, "train"), load_rows(cfg.data_dir, "validation")
     loader = RowLoader(train_rows, cfg.batch_size, cfg.seed)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    tokens_per_step = cfg.batch_size * train_rows.shape[1]
+    tokens_per_step = cfg.batch_size * cfg.grad_accum_steps * train_rows.shape[1]
     flops_per_step = model.flops_per_token(train_rows.shape[1]) * tokens_per_step
 
-    metrics_file = open(out_dir / "metrics.jsonl", "w", buffering=1)
+    checkpoints = CheckpointManager(out_dir / "checkpoints", cfg.keep_checkpoints)
+    start_step, skipped, last = 0, 0, {}
+    resume_from = checkpoints.latest()
+    if resume_from is not None and not cfg.resume:
+        raise ConfigError(f"{out_dir} already holds checkpoints ({resume_from.name}); set resume: true to continue "
+                          "from them or choose another out_dir")
+    if resume_from is not None:
+        _check_resumable(load_train_config(resume_from), cfg, resume_from)
+        restored = load_training_state(resume_from, model, optimizer, scheduler)
+        loader.state = LoaderState(**restored["dataloader"])
+        restore_rng(restored["rng"], gen)
+        start_step, skipped = restored["train_state"]["step"], restored["train_state"].get("skipped_steps", 0)
+        last = restored["train_state"].get("last_eval", {})
+        _truncate_metrics(out_dir / "metrics.jsonl", start_step)
+        console.print(f"resuming from {resume_from} (step {start_step})")
+    metrics_file = open(out_dir / "metrics.jsonl", "a" if resume_from else "w", buffering=1)
 
     def emit(step: int, values: dict[str, float]) -> None:
         metrics_file.write(json.dumps({"step": step, **values}) + "\n")
+
+    def train_state(step: int) -> dict:
+        return {"step": step, "tokens_seen": step * tokens_per_step, "skipped_steps": skipped,
+                "epoch": loader.state.epoch, "position": loader.state.position, "last_eval": last,
+                "val_loss": last.get("val/loss") if last.get("step") == step else None}
+
+    def checkpoint(step: int) -> None:
+        if int(bad_step) >= 0:  # never write weights that a non-finite step has touched
+            raise FloatingPointError(f"non-finite loss at step {int(bad_step)}; lower train.lr or set train.nonfinite=skip")
+        save_checkpoint(checkpoints.path_for(step), model, cfg, train_state(step), optimizer, scheduler,
+                        asdict(loader.state), rng_state(gen))
+        checkpoints.prune()
 
     progress = Progress(
         TextColumn(f"[bold]pretrain {cfg.objective}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"), TimeRemainingColumn(),
         console=console, transient=False,
     )
+    interval = cfg.checkpoint_interval or cfg.eval_interval
+    bad_step = torch.tensor(-1, device=device)  # first step with a non-finite loss, kept on the device
     started = time.perf_counter()
     window_start, window_steps = started, 0
-    last: dict[str, float] = {}
-    with progress:
-        bar = progress.add_task("train", total=cfg.max_steps, loss="-", tps="-")
-        for step in range(1, cfg.max_steps + 1):
-            batch = loader.next_batch().to(device, non_blocking=True)
-            with amp():
-                loss, _ = step_fn(batch, gen)
-            loss.backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
+    with progress, _SigtermFlag() as sigterm:
+        bar = progress.add_task("train", total=cfg.max_steps, completed=start_step, loss="-", tps="-")
+        for step in range(start_step + 1, cfg.max_steps + 1):
+            for _ in range(cfg.grad_accum_steps):
+                batch = loader.next_batch().to(device, non_blocking=True)
+                with amp():
+                    loss, _ = step_fn(batch, gen)
+                (loss / cfg.grad_accum_steps).backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+            finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
+            if cfg.nonfinite == "skip" and not bool(finite):  # the one per-step sync, only under `skip`
+                skipped += 1
+                optimizer.zero_grad(set_to_none=True)
+                emit(step, {"train/skipped_nonfinite": 1.0})
+            else:
+                bad_step = torch.where(~finite & (bad_step < 0), torch.tensor(step, device=device), bad_step)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
             window_steps += 1
             if step % cfg.log_interval == 0 or step == cfg.max_steps:
-                loss_value = loss.item()  # the only host-device sync, every log_interval steps
-                if not math.isfinite(loss_value):
-                    raise FloatingPointError(f"non-finite training loss at step {step}; lower train.lr")
+                if int(bad_step) >= 0:  # the only host-device syncs, every log_interval steps
+                    raise FloatingPointError(f"non-finite loss at step {int(bad_step)}; lower train.lr or set "
+                                             "train.nonfinite=skip")
+                loss_value = loss.item()
                 now = time.perf_counter()
                 tps = window_steps * tokens_per_step / (now - window_start)
                 window_start, window_steps = now, 0
@@ -130,23 +224,34 @@ def train(cfg: TrainConfig) -> dict:
                             "throughput/tokens_per_s": tps})
                 progress.update(bar, loss=f"{loss_value:.3f}", tps=f"{tps:,.0f}")
             if step % cfg.eval_interval == 0 or step == cfg.max_steps:
-                last = evaluate(model, val_rows, cfg, device, amp)
-                emit(step, last)
+                last = {"step": step, **evaluate(model, val_rows, cfg, device, amp)}
+                emit(step, {k: v for k, v in last.items() if k != "step"})
+            if step % interval == 0 or step == cfg.max_steps:
+                checkpoint(step)
             progress.update(bar, advance=1)
+            if sigterm.raised:
+                if step % interval and step != cfg.max_steps:
+                    checkpoint(step)
+                metrics_file.close()
+                raise Stopped(step)
     elapsed = time.perf_counter() - started
     metrics_file.close()
+    if not last:  # resumed a run that had already finished
+        last = {"step": cfg.max_steps, **evaluate(model, val_rows, cfg, device, amp)}
 
-    state = {"step": cfg.max_steps, "epoch": loader.state.epoch, "position": loader.state.position,
-             "tokens_seen": cfg.max_steps * tokens_per_step}
+    state = train_state(cfg.max_steps)
     save_checkpoint(out_dir / "checkpoint", model, cfg, state)
+    trained_steps = cfg.max_steps - start_step
     summary = {
-        **last,
+        **{k: v for k, v in last.items() if k != "step"},
         "tokens_seen": state["tokens_seen"],
         "pretrain_flops": flops_per_step * cfg.max_steps,
         "n_params": sum(p.numel() for p in model.parameters()),
         "train_seconds": elapsed,
-        "throughput/tokens_per_s": state["tokens_seen"] / elapsed,
+        "throughput/tokens_per_s": trained_steps * tokens_per_step / elapsed if trained_steps else 0.0,
         "device": str(device),
+        "resumed_from_step": start_step,
+        "skipped_steps": skipped,
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
@@ -159,7 +264,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = read_train_config(args.config)
         summary = train(cfg)
-    except (ConfigError, FileNotFoundError, ValueError, FloatingPointError) as exc:
+    except Stopped as exc:
+        console.print(f"[yellow]{exc}[/yellow]")
+        return 128 + signal.SIGTERM
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError, FloatingPointError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 2
     console.print(f"done: val/loss={summary.get('val/loss', float('nan')):.4f} "
