@@ -75,8 +75,13 @@ def _execute(config: str, overrides: list[str]) -> dict:
     from flows.pipeline import pretrain_pipeline
 
     console.print(f"[bold]pretrain[/bold] {config}  workspace {ws.root}")
+    signal.signal(signal.SIGTERM, _on_sigterm)
     started = time.perf_counter()
-    state = pretrain_pipeline(config_path=str(config), overrides=list(overrides), return_state=True)
+    try:
+        state = pretrain_pipeline(config_path=str(config), overrides=list(overrides), return_state=True)
+    except Terminated:
+        _exit_after_failure("stopped by SIGTERM; finished stages and training checkpoints are kept, "
+                            "re-run the same command to resume", 128 + signal.SIGTERM)
     elapsed = time.perf_counter() - started
     try:
         result = state.result()
@@ -86,6 +91,16 @@ def _execute(config: str, overrides: list[str]) -> dict:
         _exit_after_failure(f"{type(exc).__name__}: {exc} (flow run state: {state.name})", 1)
     _print_summary(result, ws, elapsed)
     return result
+
+
+class Terminated(KeyboardInterrupt):
+    pass
+
+
+def _on_sigterm(signum, frame) -> None:
+    # During the flow Prefect's own handler runs first: it stops the flow (the pretrain task checkpoints
+    # and stops its trainer, the MLflow runs are marked) and then passes the signal on to this one.
+    raise Terminated()
 
 
 def _exit_after_failure(message: str, code: int) -> None:

@@ -22,7 +22,8 @@ from tasks.caching import run_stage
 from tasks.data import (define_downstream_task, ingest_corpus, make_examples, snapshot_corpus,
                         source_fingerprint, tokenize_snapshot, tokenizer_for)
 from tasks.evaluation import finetune_downstream
-from tasks.tracking import client, experiment_id, log_metric_rows, log_metrics, log_params, read_metric_rows, start_run
+from tasks.tracking import (client, experiment_id, log_metric_rows, log_metrics, log_params, read_metric_rows,
+                            reap_stale_runs, start_run)
 from tasks.training import pretrain
 from tasks.workspace import Workspace, git_commit
 from warehouse.sources import SourceSpec
@@ -63,6 +64,9 @@ def pretrain_pipeline(config_path: str = "demo.yaml", overrides: list[str] | Non
 
     c = client(ws)
     exp_id = experiment_id(c, ws, cfg.experiment)
+    for run_id in reap_stale_runs(c, exp_id):
+        logger.warning("MLflow run %s was left RUNNING by a process that died; marked KILLED", run_id)
+    _report_orphaned_flow_runs(logger)
     parent = start_run(c, exp_id, f"pipeline-{flow_run.get_name() or 'local'}", tags={
         "prefect.flow_run_id": str(flow_run.get_id() or ""), "prefect.flow_run_name": flow_run.get_name() or "",
         "git_commit": git_commit(), "config_path": str(config_path)})
@@ -72,7 +76,28 @@ def pretrain_pipeline(config_path: str = "demo.yaml", overrides: list[str] | Non
         status = "FINISHED"
         return result
     finally:
+        if status != "FINISHED":  # children still RUNNING when the flow failed or was stopped
+            for run in c.search_runs([exp_id], f"tags.mlflow.parentRunId = '{parent}' and attributes.status = 'RUNNING'"):
+                c.set_terminated(run.info.run_id, "FAILED")
         c.set_terminated(parent, status)
+
+
+def _report_orphaned_flow_runs(logger) -> None:
+    """Flow runs of this pipeline that Prefect still shows as running (their process may have died)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterState,
+                                                FlowRunFilterStateType)
+    from prefect.client.schemas.objects import StateType
+
+    with get_client(sync_client=True) as prefect:
+        runs = prefect.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=["pretrain-pipeline"])),
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING]))))
+    current = str(flow_run.get_id() or "")
+    for run in runs:
+        if str(run.id) != current:
+            logger.warning("Prefect flow run %s (%s) is still marked running since %s; if its process died, "
+                           "cancel it in the Prefect UI", run.name, run.id, run.start_time)
 
 
 def _run(cfg, ws, db, c, exp_id, parent, stages, has_task, logger) -> dict:

@@ -121,7 +121,9 @@ def _truncate_metrics(path: Path, step: int) -> None:
                 keep.append(line)
         except (json.JSONDecodeError, KeyError, TypeError):  # the half-written line of a killed run
             continue
-    path.write_text("".join(line + "\n" for line in keep))
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.replace(path)  # a new file: a supervisor tailing the old one notices and starts over
 
 
 def train(cfg: TrainConfig) -> dict:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -25,10 +27,36 @@ def experiment_id(c: MlflowClient, ws: Workspace, name: str) -> str:
 
 
 def start_run(c: MlflowClient, exp_id: str, name: str, parent: str | None = None, tags: dict[str, str] | None = None) -> str:
-    tags = dict(tags or {})
+    # Host and pid let a later pipeline tell a run whose process died from one still going.
+    tags = {**(tags or {}), "pretrain.host": socket.gethostname(), "pretrain.pid": str(os.getpid())}
     if parent:
         tags["mlflow.parentRunId"] = parent
     return c.create_run(exp_id, run_name=name, tags=tags).info.run_id
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def reap_stale_runs(c: MlflowClient, exp_id: str) -> list[str]:
+    """Mark KILLED the RUNNING runs of this host whose process is gone (a crash, a reboot, SIGKILL).
+
+    Runs started on other hosts are left alone: from here nobody can tell whether they still run.
+    """
+    host, killed = socket.gethostname(), []
+    for run in c.search_runs([exp_id], filter_string="attributes.status = 'RUNNING'", max_results=1000):
+        tags = run.data.tags
+        pid = tags.get("pretrain.pid", "")
+        if tags.get("pretrain.host") == host and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            c.set_terminated(run.info.run_id, "KILLED")
+            killed.append(run.info.run_id)
+    return killed
 
 
 def log_params(c: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
@@ -52,23 +80,46 @@ def log_metric_rows(c: MlflowClient, run_id: str, rows: Iterable[dict]) -> int:
 
 
 class MetricsTail:
-    """Follows a growing JSON-lines file and forwards complete lines to an MLflow run."""
+    """Follows a growing JSON-lines file and forwards complete lines to an MLflow run.
+
+    A resumed trainer replaces the file by a copy cut at its checkpoint (a new inode); the tail then
+    starts over and forwards only the steps it has not forwarded yet.
+    """
 
     def __init__(self, c: MlflowClient, run_id: str | None, path: Path):
-        self.c, self.run_id, self.path, self.offset = c, run_id, path, 0
+        self.c, self.run_id, self.path = c, run_id, path
+        self.offset, self.inode, self.seen = 0, None, set()
 
     def poll(self) -> None:
         if self.run_id is None or not self.path.exists():
             return
-        with open(self.path) as f:
+        with open(self.path, "rb") as f:
+            stat = os.fstat(f.fileno())
+            if stat.st_ino != self.inode or stat.st_size < self.offset:
+                self.inode, self.offset = stat.st_ino, 0
             f.seek(self.offset)
             chunk = f.read()
-        complete = chunk[: chunk.rfind("\n") + 1]
-        self.offset += len(complete.encode())
-        rows = [json.loads(line) for line in complete.splitlines() if line.strip()]
+        complete = chunk[: chunk.rfind(b"\n") + 1]
+        self.offset += len(complete)
+        rows = []
+        for line in complete.decode(errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            key = (row.get("step", 0), tuple(sorted(row)))
+            if key not in self.seen:  # rows before the resumed step were forwarded already
+                self.seen.add(key)
+                rows.append(row)
         if rows:
             log_metric_rows(self.c, self.run_id, rows)
 
 
 def read_metric_rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by a killed trainer
+            continue
+    return rows
