@@ -97,8 +97,16 @@ def read_file(spec: SourceSpec, path: Path) -> Iterator[RawDoc | Reject]:
         except json.JSONDecodeError as exc:
             yield Reject(spec.name, where, f"malformed JSON: {exc.msg}")
             continue
+        except RecursionError:
+            yield Reject(spec.name, where, "malformed JSON: nested too deeply")
+            continue
         if not isinstance(value, str):
             yield Reject(spec.name, where, f"no string field {spec.text_field!r}")
+            continue
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # JSON may escape lone surrogates ("\ud800") that no text can hold
+            yield Reject(spec.name, where, "invalid Unicode (a lone surrogate escape)")
             continue
         yield RawDoc(spec.name, where, value)
 

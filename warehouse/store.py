@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -53,7 +54,10 @@ def connect(db_path: str | Path, read_only: bool = False) -> Iterator[duckdb.Duc
         con = duckdb.connect(str(db_path), read_only=read_only)
     except duckdb.IOException as exc:
         if "lock" in str(exc).lower():
-            raise WarehouseError(f"warehouse {db_path} is open for writing by another process; wait for it to finish") from None
+            holder = re.search(r"PID (\d+)", str(exc))
+            who = f" (pid {holder.group(1)})" if holder else ""
+            raise WarehouseError(f"warehouse {db_path} is open for writing by another process{who}; wait for it "
+                                 "to finish, or point PRETRAIN_HOME elsewhere") from None
         raise
     try:
         if not read_only:
@@ -113,20 +117,21 @@ def ingest(db_path: str | Path, sources: list[SourceSpec], min_chars: int = 32) 
     report.reject_reasons = dict(Counter(r.split(":")[0].split(" (")[0] for (_, _, r) in rejects))
     with connect(db_path) as con:
         con.begin()
-        new = pa.table(  # noqa: F841 - read by name in the SQL below (DuckDB replacement scan)
+        # One transaction: a crash anywhere before the commit leaves the warehouse as it was.
+        con.register("new_documents", pa.table(
             {"doc_id": list(docs), "text": list(docs.values()),
-             "n_chars": [len(t) for t in docs.values()], "first_seen": [now] * len(docs)})
-        before = con.execute("SELECT count(*) FROM documents").fetchone()[0]
-        con.execute("INSERT OR IGNORE INTO documents SELECT * FROM new")
-        report.n_new = con.execute("SELECT count(*) FROM documents").fetchone()[0] - before
-        prov_t = pa.table(  # noqa: F841 - read by name in the SQL below (DuckDB replacement scan)
+             "n_chars": [len(t) for t in docs.values()], "first_seen": [now] * len(docs)}))
+        before = con.execute("SELECT count(*) FROM documents").fetchall()[0][0]
+        con.execute("INSERT OR IGNORE INTO documents SELECT * FROM new_documents")
+        report.n_new = con.execute("SELECT count(*) FROM documents").fetchall()[0][0] - before
+        con.register("new_provenance", pa.table(
             {"doc_id": [k[0] for k in prov], "source": [k[1] for k in prov],
-             "path": [k[2] for k in prov], "label": list(prov.values())})
-        con.execute("INSERT OR IGNORE INTO provenance SELECT * FROM prov_t")
-        rej_t = pa.table(  # noqa: F841 - read by name in the SQL below (DuckDB replacement scan)
+             "path": [k[2] for k in prov], "label": list(prov.values())}))
+        con.execute("INSERT OR IGNORE INTO provenance SELECT * FROM new_provenance")
+        con.register("new_rejects", pa.table(
             {"source": [k[0] for k in rejects], "path": [k[1] for k in rejects],
-             "reason": [k[2] for k in rejects], "seen": [now] * len(rejects)})
-        con.execute("INSERT OR IGNORE INTO rejects SELECT * FROM rej_t")
+             "reason": [k[2] for k in rejects], "seen": [now] * len(rejects)}))
+        con.execute("INSERT OR IGNORE INTO rejects SELECT * FROM new_rejects")
         spec_json = json.dumps([asdict(s) for s in sources], sort_keys=True)
         con.execute("INSERT INTO ingests VALUES (?, ?, ?, ?, ?, ?, ?)",
                     [hashlib.sha256(spec_json.encode()).hexdigest()[:16], spec_json, now,

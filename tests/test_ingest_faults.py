@@ -1,0 +1,135 @@
+"""Hostile input and interrupted writers: the warehouse never crashes, never loses count, never half-commits."""
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+
+import duckdb
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.conftest import ROOT, write_corpus
+from warehouse import store
+from warehouse.sources import SourceSpec
+
+EXTENSIONS = [".txt", ".md", ".jsonl", ".bin", ""]
+json_lines = st.lists(
+    st.one_of(
+        st.dictionaries(st.sampled_from(["text", "other"]), st.one_of(st.text(), st.integers(), st.none()), max_size=2)
+        .map(json.dumps),
+        st.text(max_size=40),  # not JSON at all
+        st.just('{"text": "\\ud800 lone surrogate"}'),
+        st.just("[" * 5000 + "]" * 5000),  # deeper than the parser's recursion limit
+    ),
+    max_size=6,
+).map(lambda lines: "\n".join(lines).encode("utf-8", "surrogatepass"))
+contents = st.one_of(st.binary(max_size=300), st.text(max_size=300).map(lambda t: t.encode("utf-8", "surrogatepass")),
+                     json_lines)
+
+
+def _rows(db, table):
+    with duckdb.connect(str(db), read_only=True) as con:
+        return con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(files=st.lists(st.tuples(st.sampled_from(EXTENSIONS), contents), min_size=1, max_size=8))
+def test_random_and_hostile_bytes_are_all_accounted_for(tmp_path_factory, files):
+    folder = tmp_path_factory.mktemp("fuzz")
+    (folder / "corpus").mkdir()
+    for i, (ext, data) in enumerate(files):
+        (folder / "corpus" / f"f{i}{ext}").write_bytes(data)
+    db = folder / "w.duckdb"
+    try:
+        report = store.ingest(db, [SourceSpec(name="fuzz", path=str(folder / "corpus"))], min_chars=1)
+        n_inputs = report.n_inputs
+    except store.WarehouseError as exc:  # nothing usable: one clear error, and the rejects are still recorded
+        assert "the corpus is empty" in str(exc)
+        n_inputs = int(str(exc).split(": ")[1].split(" inputs")[0])
+    # Every input (a file, or a line of a .jsonl file) is a provenance row of a document or a reject.
+    assert _rows(db, "provenance") + _rows(db, "rejects") == n_inputs
+
+
+INGEST_STALLED_MID_WRITE = textwrap.dedent("""
+    import contextlib, sys, time
+    from warehouse import store
+    from warehouse.sources import SourceSpec
+    real_connect = store.connect
+
+    class Stalls:  # the connection stalls right after the documents insert, inside the transaction
+        def __init__(self, con):
+            self.con = con
+        def __getattr__(self, name):
+            return getattr(self.con, name)
+        def execute(self, sql, *args):
+            result = self.con.execute(sql, *args)
+            if sql.startswith("INSERT OR IGNORE INTO documents"):
+                print("inserted", flush=True)
+                time.sleep(120)
+            return result
+
+    @contextlib.contextmanager
+    def connect(path, read_only=False):
+        with real_connect(path, read_only) as con:
+            yield Stalls(con)
+
+    store.connect = connect
+    store.ingest(sys.argv[1], [SourceSpec(name="c", path=sys.argv[2])])
+""")
+
+
+def test_an_ingest_killed_midway_leaves_the_last_snapshot_intact_and_a_rerun_completes(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus", 40)
+    db = tmp_path / "w.duckdb"
+    spec = [SourceSpec(name="c", path=str(corpus))]
+    store.ingest(db, spec)
+    snap = store.create_snapshot(db, "c", ["c"], 0.1, 0.1)
+    before = {t: _rows(db, t) for t in ("documents", "provenance", "snapshot_documents")}
+
+    more = write_corpus(tmp_path / "more", 200)
+    for f in more.iterdir():
+        f.rename(corpus / f"new-{f.name}")
+    proc = subprocess.Popen([sys.executable, "-c", INGEST_STALLED_MID_WRITE, str(db), str(corpus)], cwd=ROOT,
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "inserted"  # 200 new documents written, not yet committed
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert {t: _rows(db, t) for t in before} == before  # nothing half-written
+    with store.connect(db, read_only=True) as con:
+        assert store.snapshot_info(con, snap.snapshot_id) == snap
+
+    store.ingest(db, spec)
+    again = store.ingest(db, spec)
+    assert again.n_new == 0
+    with duckdb.connect(str(db), read_only=True) as con:
+        dupes = con.execute("SELECT count(*) - count(DISTINCT doc_id) FROM documents").fetchone()[0]
+    assert dupes == 0 and _rows(db, "documents") > before["documents"]
+
+
+HOLD_WRITER = textwrap.dedent("""
+    import sys, time, duckdb
+    con = duckdb.connect(sys.argv[1])
+    print("holding", flush=True)
+    time.sleep(60)
+""")
+
+
+def test_a_second_writer_is_refused_with_a_clear_message(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus", 10)
+    db = tmp_path / "w.duckdb"
+    store.ingest(db, [SourceSpec(name="c", path=str(corpus))])
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_WRITER, str(db)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        try:
+            store.ingest(db, [SourceSpec(name="c", path=str(corpus))])
+            raise AssertionError("a second writer was let in")
+        except store.WarehouseError as exc:
+            message = str(exc)
+        assert "open for writing by another process" in message and "\n" not in message
+        assert f"(pid {holder.pid})" in message
+    finally:
+        holder.kill()
+        holder.wait()
+    assert store.ingest(db, [SourceSpec(name="c", path=str(corpus))]).n_new == 0
