@@ -22,8 +22,8 @@ from tasks.caching import run_stage
 from tasks.data import (define_downstream_task, ingest_corpus, make_examples, snapshot_corpus,
                         source_fingerprint, tokenize_snapshot, tokenizer_for)
 from tasks.evaluation import finetune_downstream
-from tasks.tracking import (client, experiment_id, log_metric_rows, log_metrics, log_params, read_metric_rows,
-                            reap_stale_runs, start_run)
+from tasks.tracking import (client, experiment_id, log_dict, log_metric_rows, log_metrics, log_params,
+                            read_metric_rows, reap_stale_runs, start_run)
 from tasks.training import pretrain
 from tasks.workspace import Workspace, git_commit
 from warehouse.sources import SourceSpec
@@ -144,7 +144,7 @@ def _run(cfg, ws, db, c, exp_id, parent, stages, has_task, logger) -> dict:
                            "train_tokens": shards["splits"]["train"]["tokens"]})
     c.set_tag(parent, "snapshot_id", snapshot_id)
     c.log_artifact(parent, tok["path"])
-    c.log_dict(parent, asdict(cfg), "pipeline_config.json")
+    log_dict(c, parent, asdict(cfg), "pipeline_config.json")
 
     specials = tok["specials"]
     base_tags = {"snapshot_id": snapshot_id, "git_commit": git_commit()}
@@ -166,7 +166,7 @@ def _run(cfg, ws, db, c, exp_id, parent, stages, has_task, logger) -> dict:
             "objective": objective, "model_size": cfg.model.size, "snapshot_id": snapshot_id, "seed": tc.seed,
             "arch": obj.ARCH, "seq_len": tc.seq_len, "batch_size": tc.batch_size, "max_steps": tc.max_steps,
             "lr": tc.lr, "vocab_size": tok["vocab_size"]}, base_tags)
-        c.log_dict(run_id, train_config, "config/train_config.json")
+        log_dict(c, run_id, train_config, "config/train_config.json")
         result, cached = run_stage(pretrain, train_config=train_config, tokenizer_path=tok["path"], mlflow_run_id=run_id)
         if cached:  # the metrics streamed into the run that trained it; copy them into this one
             log_metric_rows(c, run_id, read_metric_rows(Path(result["metrics_file"])))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import time
 from pathlib import Path
@@ -28,7 +29,8 @@ def experiment_id(c: MlflowClient, ws: Workspace, name: str) -> str:
 
 def start_run(c: MlflowClient, exp_id: str, name: str, parent: str | None = None, tags: dict[str, str] | None = None) -> str:
     # Host and pid let a later pipeline tell a run whose process died from one still going.
-    tags = {**(tags or {}), "pretrain.host": socket.gethostname(), "pretrain.pid": str(os.getpid())}
+    tags = {**{k: scrub(str(v)) for k, v in (tags or {}).items()},
+            "pretrain.host": socket.gethostname(), "pretrain.pid": str(os.getpid())}
     if parent:
         tags["mlflow.parentRunId"] = parent
     return c.create_run(exp_id, run_name=name, tags=tags).info.run_id
@@ -59,8 +61,26 @@ def reap_stale_runs(c: MlflowClient, exp_id: str) -> list[str]:
     return killed
 
 
+SECRET_ENV = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|ACCESS_KEY|CREDENTIAL", re.IGNORECASE)
+URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s:@]+(?::[^/\s@]*)?@")
+
+
+def scrub(text: str) -> str:
+    """Remove credentials before anything reaches MLflow: user:password@ in URLs, and the values of
+    environment variables whose names say they are secrets (HF_TOKEN, AWS_SECRET_ACCESS_KEY, ...)."""
+    text = URL_CREDENTIALS.sub(r"\g<scheme>***@", text)
+    for name, value in os.environ.items():
+        if SECRET_ENV.search(name) and len(value) >= 6 and value in text:
+            text = text.replace(value, "***")
+    return text
+
+
+def log_dict(c: MlflowClient, run_id: str, data: dict, artifact_file: str) -> None:
+    c.log_dict(run_id, json.loads(scrub(json.dumps(data, default=str))), artifact_file)
+
+
 def log_params(c: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
-    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    items = [Param(k, scrub(str(v))[:6000]) for k, v in params.items()]
     for i in range(0, len(items), 100):
         c.log_batch(run_id, params=items[i : i + 100])
 

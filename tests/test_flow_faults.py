@@ -1,6 +1,8 @@
 """Faults around a running pipeline: the trainer killed, the flow run sent SIGTERM, runs left behind."""
 import json
+import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -81,6 +83,8 @@ def test_a_stopped_or_killed_training_fails_cleanly_and_the_rerun_resumes(tmp_pa
     again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming from" in again.stderr
+    for stage in ("ingest", "snapshot \\+ split", "tokenizer", "token shards", "examples clm"):
+        assert re.search(rf"\] {stage}\s+cached", again.stderr), stage  # only the unfinished work is redone
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["resumed_from_step"] >= 20
     steps = [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -103,3 +107,32 @@ def test_runs_left_running_by_a_dead_process_are_marked_killed(tmp_path):
     assert c.get_run(orphan).info.status == "KILLED"
     assert c.get_run(ours).info.status == "RUNNING"
     assert c.get_run(elsewhere).info.status == "RUNNING"
+
+
+class _Collect(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def test_a_flow_run_left_running_is_reported(prefect_harness):
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.states import Running
+
+    from flows.pipeline import _report_orphaned_flow_runs
+
+    @flow(name="pretrain-pipeline")
+    def stand_in():  # same flow name; its run is created and left Running, as by a process that died
+        pass
+
+    with get_client(sync_client=True) as client:
+        run = client.create_flow_run(stand_in, name="left-behind")
+        client.set_flow_run_state(run.id, Running())
+    logger, collect = logging.getLogger("test-orphans"), _Collect()
+    logger.addHandler(collect)
+    _report_orphaned_flow_runs(logger)
+    assert any("left-behind" in m and "still marked running" in m for m in collect.messages)
