@@ -272,3 +272,26 @@ def test_resume_refuses_a_checkpoint_of_another_config(tmp_path):
     with pytest.raises(Exception, match="set resume: true"):
         train(cfg)
     assert os.path.exists(tmp_path / "full" / "checkpoint")
+
+
+def test_repeated_kills_during_saves_always_leave_a_valid_checkpoint(tmp_path, reference):
+    """Checkpoint every step, so most kills land inside a save; each time the newest checkpoint that
+    verifies is a real one, and after all the kills the run still ends bit-identical."""
+    _resumable_config(tmp_path, "hammered", checkpoint_interval=1)
+    run_dir, rng = tmp_path / "hammered", random.Random()
+    for kill_at in sorted(rng.sample(range(3, STEPS - 2), 4)):
+        proc = _start(tmp_path, "hammered")
+        _wait_for_step(proc, run_dir, kill_at)
+        time.sleep(rng.uniform(0.0, 0.03))  # a step logs, then saves: land somewhere in that
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        assert not (run_dir / "checkpoint").exists()  # killed before the end
+        latest = CheckpointManager(run_dir / "checkpoints").latest()
+        verify(latest)
+        assert json.loads((latest / "train_state.json").read_text())["step"] >= kill_at - 1
+    proc = _start(tmp_path, "hammered")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    assert _losses(run_dir) == _losses(reference)
+    ref_w, got_w = _weights(reference), _weights(run_dir)
+    assert all(torch.equal(ref_w[k], got_w[k]) for k in ref_w)
