@@ -29,8 +29,16 @@ def source_fingerprint(specs: list[dict]) -> list:
         if s.builtin:
             out.append([s.builtin, sys.version])
         else:
-            out.append([[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in expand(s)])
+            out.append([_stat(p) for p in expand(s)])
     return out
+
+
+def _stat(path: Path) -> list:
+    try:
+        st = path.stat()
+    except OSError:  # a broken link or a loop: fingerprinted by the link itself (the ingest rejects it)
+        st = path.lstat()
+    return [str(path), st.st_size, st.st_mtime_ns]
 
 
 @task(name="ingest", cache_key_fn=stage_cache_key("warehouse"), retries=2, retry_delay_seconds=2,

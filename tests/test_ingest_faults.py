@@ -1,5 +1,6 @@
 """Hostile input and interrupted writers: the warehouse never crashes, never loses count, never half-commits."""
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -133,3 +134,29 @@ def test_a_second_writer_is_refused_with_a_clear_message(tmp_path):
         holder.kill()
         holder.wait()
     assert store.ingest(db, [SourceSpec(name="c", path=str(corpus))]).n_new == 0
+
+
+def test_links_devices_and_fifos_are_refused_not_followed_or_opened(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus", 10)
+    outside = tmp_path / "secret.txt"
+    outside.write_text("a private file outside the corpus folder, long enough to be a document. " * 3)
+    (corpus / "outside.txt").symlink_to(outside)
+    (corpus / "inside.txt").symlink_to(next(corpus.glob("*.txt")))
+    (corpus / "zero.txt").symlink_to("/dev/zero")  # reading it would never end
+    os.mkfifo(corpus / "pipe.txt")  # opening it would block
+    (corpus / "loop-a.txt").symlink_to(corpus / "loop-b.txt")
+    (corpus / "loop-b.txt").symlink_to(corpus / "loop-a.txt")
+    (corpus / "dangling.txt").symlink_to(tmp_path / "gone.txt")
+    (corpus / "up").symlink_to(tmp_path)  # a folder link: followed, it would reach secret.txt and loop
+    db = tmp_path / "w.duckdb"
+    report = store.ingest(db, [SourceSpec(name="c", path=str(corpus))])
+    with duckdb.connect(str(db), read_only=True) as con:
+        reasons = {p.rsplit("/", 1)[-1]: r for p, r in con.execute("SELECT path, reason FROM rejects").fetchall()}
+        texts = [t for (t,) in con.execute("SELECT text FROM documents").fetchall()]
+    assert reasons["outside.txt"].startswith("symlink pointing outside the source folder")
+    assert reasons["zero.txt"].startswith("symlink pointing outside") or reasons["zero.txt"].startswith("not a regular")
+    assert reasons["pipe.txt"] == "not a regular file (a device, FIFO or socket)"
+    assert reasons["loop-a.txt"] == reasons["loop-b.txt"] == reasons["dangling.txt"] == "broken symlink or symlink loop"
+    assert reasons["up"].startswith("symlink pointing outside")
+    assert not any("private file" in t for t in texts)
+    assert report.n_inputs == report.n_documents + report.n_rejects + 1  # inside.txt: a duplicate document

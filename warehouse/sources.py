@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import glob
 import json
+import os
+import stat
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,13 +52,43 @@ def expand(spec: SourceSpec) -> list[Path]:
     if p.is_file():
         return [p]
     if p.is_dir():
-        return sorted(f for f in p.rglob("*") if f.is_file())
+        return sorted(_walk(p))
     if any(ch in raw for ch in "*?["):
         matches = sorted(Path(m) for m in glob.glob(str(p), recursive=True) if Path(m).is_file())
         if not matches:
             raise SourceError(f"corpus glob {raw!r} matches no files; check the pattern in corpus.sources ({spec.name})")
         return matches
     raise SourceError(f"corpus path {raw!r} does not exist; fix corpus.sources ({spec.name}) or pass --set corpus.path=...")
+
+
+def _walk(root: Path) -> Iterator[Path]:
+    """Every entry of a folder that is not a plain subfolder: files, and symlinks, devices, FIFOs and
+    sockets too, so that `read_file` can account for each (symlinked folders are listed, not followed)."""
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        here = Path(dirpath)
+        yield from (here / name for name in dirnames if (here / name).is_symlink())
+        yield from (here / name for name in filenames)
+
+
+def _refusal(path: Path, root: Path | None) -> str | None:
+    """Why an entry must not be opened, if it must not: it could hang (a FIFO, /dev/zero) or leave
+    the folder the user named."""
+    if path.is_symlink():
+        try:
+            target = path.resolve(strict=True)
+        except (OSError, RuntimeError):
+            return "broken symlink or symlink loop"
+        if root is not None and not target.is_relative_to(root.resolve()):
+            return f"symlink pointing outside the source folder (to {target})"
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        return f"unreadable: {exc.strerror or exc}"
+    if stat.S_ISDIR(mode):
+        return "symlink to a folder (not followed)"
+    if not stat.S_ISREG(mode):
+        return "not a regular file (a device, FIFO or socket)"
+    return None
 
 
 def _field(obj, dotted: str):
@@ -69,6 +101,11 @@ def _field(obj, dotted: str):
 
 def read_file(spec: SourceSpec, path: Path) -> Iterator[RawDoc | Reject]:
     name = str(path)
+    folder = Path(spec.path).expanduser() if spec.path else None
+    refusal = _refusal(path, folder if folder is not None and folder.is_dir() else None)
+    if refusal:
+        yield Reject(spec.name, name, refusal)
+        return
     if path.suffix.lower() not in SUPPORTED:
         yield Reject(spec.name, name, f"unsupported format {path.suffix or '(no extension)'}; supported: {', '.join(sorted(SUPPORTED))}")
         return
