@@ -14,7 +14,7 @@ from tests.conftest import ROOT, write_corpus
 from warehouse import store
 from warehouse.sources import SourceSpec
 
-EXTENSIONS = [".txt", ".md", ".jsonl", ".bin", ""]
+EXTENSIONS = [".txt", ".md", ".jsonl", ".bin", "", ".zip", ".tar.gz", ".tar.xz"]
 json_lines = st.lists(
     st.one_of(
         st.dictionaries(st.sampled_from(["text", "other"]), st.one_of(st.text(), st.integers(), st.none()), max_size=2)
@@ -25,8 +25,41 @@ json_lines = st.lists(
     ),
     max_size=6,
 ).map(lambda lines: "\n".join(lines).encode("utf-8", "surrogatepass"))
+
+
+def _valid_archive(kind: str) -> bytes:
+    import io
+    import tarfile
+    import zipfile
+
+    buf, text = io.BytesIO(), b"an archived document about tokens and attention, long enough to keep. " * 4
+    if kind == "zip":
+        with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            zf.writestr("a.txt", text)
+            zf.writestr("b.jsonl", b'{"text": "line one of the archive"}\n')
+    else:
+        with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+            info = tarfile.TarInfo("a.txt")
+            info.size = len(text)
+            tf.addfile(info, io.BytesIO(text))
+    return buf.getvalue()
+
+
+def _mutate(data: bytes, flips: list[tuple[int, int]]) -> bytes:
+    out = bytearray(data)
+    for position, value in flips:
+        out[position % len(out)] = value
+    return bytes(out)
+
+
+flips = st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=6)
 contents = st.one_of(st.binary(max_size=300), st.text(max_size=300).map(lambda t: t.encode("utf-8", "surrogatepass")),
                      json_lines)
+files = st.one_of(
+    st.tuples(st.sampled_from(EXTENSIONS), contents),
+    st.tuples(st.just(".zip"), st.builds(lambda f: _mutate(_valid_archive("zip"), f), flips)),  # damaged archives
+    st.tuples(st.just(".tar.gz"), st.builds(lambda f: _mutate(_valid_archive("tgz"), f), flips)),
+)
 
 
 def _rows(db, table):
@@ -34,8 +67,8 @@ def _rows(db, table):
         return con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(files=st.lists(st.tuples(st.sampled_from(EXTENSIONS), contents), min_size=1, max_size=8))
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(files=st.lists(files, min_size=1, max_size=8))
 def test_random_and_hostile_bytes_are_all_accounted_for(tmp_path_factory, files):
     folder = tmp_path_factory.mktemp("fuzz")
     (folder / "corpus").mkdir()
@@ -160,3 +193,62 @@ def test_links_devices_and_fifos_are_refused_not_followed_or_opened(tmp_path):
     assert reasons["up"].startswith("symlink pointing outside")
     assert not any("private file" in t for t in texts)
     assert report.n_inputs == report.n_documents + report.n_rejects + 1  # inside.txt: a duplicate document
+
+
+def _zip_symlink(zf, name: str, target: str) -> None:
+    import stat as st
+    import zipfile
+
+    info = zipfile.ZipInfo(name)
+    info.external_attr = (st.S_IFLNK | 0o777) << 16
+    zf.writestr(info, target)
+
+
+def test_archives_are_read_in_memory_and_unsafe_members_refused(tmp_path):
+    import io
+    import tarfile
+    import zipfile
+
+    body = "a document inside an archive, about masked language models and tokens. " * 2
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    with zipfile.ZipFile(corpus / "docs.zip", "w") as zf:
+        zf.writestr("good.txt", body + "zip")
+        zf.writestr("sub/notes.md", body + "md")
+        zf.writestr("lines.jsonl", json.dumps({"text": body + "jsonl"}) + "\n{broken\n")
+        zf.writestr("../escape.txt", body + "escape")
+        zf.writestr("/etc/absolute.txt", body + "absolute")
+        zf.writestr("inner.zip", b"PK\x05\x06" + b"\0" * 18)
+        zf.writestr("image.png", b"\x89PNG")
+        _zip_symlink(zf, "link.txt", "/etc/passwd")
+        zf.writestr(zipfile.ZipInfo(""), body)  # found by fuzzing: zipfile itself fails on nameless entries
+    with tarfile.open(corpus / "docs.tar.gz", "w:gz") as tf:
+        for name, data in (("good.txt", (body + "tar").encode()), ("a/../../up.txt", b"x" * 64)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+        for name, kind in (("dev.txt", tarfile.CHRTYPE), ("sym.txt", tarfile.SYMTYPE)):
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = kind, "/dev/zero"
+            tf.addfile(info)
+    (corpus / "broken.zip").write_bytes(b"PK\x03\x04 not really a zip")
+    before = sorted(p.name for p in tmp_path.iterdir())
+
+    db = tmp_path / "w.duckdb"
+    report = store.ingest(db, [SourceSpec(name="c", path=str(corpus))])
+    with duckdb.connect(str(db), read_only=True) as con:
+        reasons = {p.split("/corpus/", 1)[1]: r for p, r in con.execute("SELECT path, reason FROM rejects").fetchall()}
+        texts = sorted(t.rsplit(" ", 1)[-1] for (t,) in con.execute("SELECT text FROM documents").fetchall())
+    assert texts == ["jsonl", "md", "tar", "zip"]
+    zip_slip = "unsafe member path (absolute or with '..'; zip slip)"
+    assert reasons["docs.zip!../escape.txt"] == reasons["docs.zip!/etc/absolute.txt"] == zip_slip
+    assert reasons["docs.tar.gz!a/../../up.txt"] == zip_slip
+    assert reasons["docs.zip!inner.zip"] == "nested archive (not read)"
+    assert reasons["docs.zip!link.txt"] == reasons["docs.tar.gz!sym.txt"] == "link inside an archive (not followed)"
+    assert reasons["docs.tar.gz!dev.txt"] == "device or special file inside an archive"
+    assert reasons["docs.zip!image.png"].startswith("unsupported format")
+    assert reasons["docs.zip!lines.jsonl:2"].startswith("malformed JSON")
+    assert reasons["broken.zip"].startswith("corrupted archive")
+    assert reasons["docs.zip"] == "archive member without a name"
+    assert report.n_inputs == report.n_documents + report.n_rejects
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(before + ["w.duckdb"])  # nothing extracted

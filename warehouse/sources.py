@@ -7,8 +7,10 @@ import os
 import stat
 import unicodedata
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Iterator
+
+from warehouse.archives import ARCHIVE_SUFFIXES, archive_kind, members
 
 SUPPORTED = {".txt", ".md", ".jsonl"}
 
@@ -106,14 +108,31 @@ def read_file(spec: SourceSpec, path: Path) -> Iterator[RawDoc | Reject]:
     if refusal:
         yield Reject(spec.name, name, refusal)
         return
-    if path.suffix.lower() not in SUPPORTED:
-        yield Reject(spec.name, name, f"unsupported format {path.suffix or '(no extension)'}; supported: {', '.join(sorted(SUPPORTED))}")
+    kind = archive_kind(path.name)
+    if path.suffix.lower() not in SUPPORTED and kind is None:
+        yield Reject(spec.name, name, f"unsupported format {path.suffix or '(no extension)'}; supported: "
+                     f"{', '.join(sorted(SUPPORTED) + list(ARCHIVE_SUFFIXES))}")
         return
     try:
         data = path.read_bytes()
     except OSError as exc:
         yield Reject(spec.name, name, f"unreadable: {exc.strerror or exc}")
         return
+    if kind is None:
+        yield from parse(spec, name, path.suffix.lower(), data)
+        return
+    for member, content, reason in members(data, kind):
+        where = f"{name}!{member}" if member else name
+        if reason:
+            yield Reject(spec.name, where, reason)
+        elif PurePosixPath(member).suffix.lower() not in SUPPORTED:
+            yield Reject(spec.name, where, f"unsupported format {PurePosixPath(member).suffix or '(no extension)'}")
+        else:
+            yield from parse(spec, where, PurePosixPath(member).suffix.lower(), content)
+
+
+def parse(spec: SourceSpec, name: str, suffix: str, data: bytes) -> Iterator[RawDoc | Reject]:
+    """The documents in one file's bytes (.txt / .md: the whole text; .jsonl: a field per line)."""
     if b"\x00" in data:
         yield Reject(spec.name, name, "binary content (NUL bytes)")
         return
@@ -122,7 +141,7 @@ def read_file(spec: SourceSpec, path: Path) -> Iterator[RawDoc | Reject]:
     except UnicodeDecodeError as exc:
         yield Reject(spec.name, name, f"undecodable as UTF-8 at byte {exc.start}")
         return
-    if path.suffix.lower() != ".jsonl":
+    if suffix != ".jsonl":
         yield RawDoc(spec.name, name, text)
         return
     for lineno, line in enumerate(text.splitlines(), 1):
