@@ -13,6 +13,7 @@ import json
 import math
 import signal
 import sys
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -84,7 +85,8 @@ class _SigtermFlag:
         self.raised = False
 
     def __enter__(self):
-        self.previous = signal.signal(signal.SIGTERM, self._handle) if _main_thread() else None
+        in_main_thread = threading.current_thread() is threading.main_thread()  # signals can only be set there
+        self.previous = signal.signal(signal.SIGTERM, self._handle) if in_main_thread else None
         return self
 
     def _handle(self, signum, frame):
@@ -95,10 +97,9 @@ class _SigtermFlag:
             signal.signal(signal.SIGTERM, self.previous)
 
 
-def _main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
+def _raise_if_nonfinite(bad_step: torch.Tensor) -> None:
+    if int(bad_step) >= 0:  # a host-device sync: called every log_interval steps and before saves only
+        raise FloatingPointError(f"non-finite loss at step {int(bad_step)}; lower train.lr or set train.nonfinite=skip")
 
 
 def _check_resumable(saved: TrainConfig, cfg: TrainConfig, path: Path) -> None:
@@ -179,11 +180,8 @@ def train(cfg: TrainConfig) -> dict:
                 "val_loss": last.get("val/loss") if last.get("step") == step else None}
 
     def checkpoint(step: int) -> None:
-        if int(bad_step) >= 0:  # never write weights that a non-finite step has touched
-            raise FloatingPointError(f"non-finite loss at step {int(bad_step)}; lower train.lr or set train.nonfinite=skip")
-        save_checkpoint(checkpoints.path_for(step), model, cfg, train_state(step), optimizer, scheduler,
-                        asdict(loader.state), rng_state(gen))
-        checkpoints.prune()
+        _raise_if_nonfinite(bad_step)  # never write weights that a non-finite step has touched
+        checkpoints.save(step, model, cfg, train_state(step), optimizer, scheduler, asdict(loader.state), rng_state(gen))
 
     progress = Progress(
         TextColumn(f"[bold]pretrain {cfg.objective}"), BarColumn(), MofNCompleteColumn(),
@@ -215,9 +213,7 @@ def train(cfg: TrainConfig) -> dict:
             scheduler.step()
             window_steps += 1
             if step % cfg.log_interval == 0 or step == cfg.max_steps:
-                if int(bad_step) >= 0:  # the only host-device syncs, every log_interval steps
-                    raise FloatingPointError(f"non-finite loss at step {int(bad_step)}; lower train.lr or set "
-                                             "train.nonfinite=skip")
+                _raise_if_nonfinite(bad_step)
                 loss_value = loss.item()
                 now = time.perf_counter()
                 tps = window_steps * tokens_per_step / (now - window_start)
