@@ -122,11 +122,7 @@ class MetricsTail:
         complete = chunk[: chunk.rfind(b"\n") + 1]
         self.offset += len(complete)
         rows = []
-        for line in complete.decode(errors="replace").splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
+        for row in parse_metric_lines(complete.decode(errors="replace")):
             key = (row.get("step", 0), tuple(sorted(row)))
             if key not in self.seen:  # rows before the resumed step were forwarded already
                 self.seen.add(key)
@@ -135,11 +131,15 @@ class MetricsTail:
             log_metric_rows(self.c, self.run_id, rows)
 
 
-def read_metric_rows(path: Path) -> list[dict]:
+def parse_metric_lines(text: str) -> list[dict]:
     rows = []
-    for line in Path(path).read_text().splitlines():
+    for line in text.splitlines():
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:  # a line cut short by a killed trainer
             continue
     return rows
+
+
+def read_metric_rows(path: Path) -> list[dict]:
+    return parse_metric_lines(Path(path).read_text())
