@@ -5,7 +5,6 @@ per flow run and one child run per variant (each objective, and the random-init 
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import asdict
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from prefect.runtime import flow_run
 from rich.console import Console
 
 from flows.config import PipelineConfig, config_hash, load_config
+from model.checkpoint import MARKER, sha256_file
 from model.config import TrainConfig, load_dataclass, to_dict
 from model.objectives import get_objective
 from tasks import report as reporting
@@ -194,7 +194,7 @@ def _run(cfg, ws, db, c, exp_id, parent, stages, has_task, logger) -> dict:
         ft_cfg = asdict(cfg.downstream.finetune)
         for v in variants:
             for seed in cfg.downstream.seeds:
-                source = ({"checkpoint": v["checkpoint"], "checkpoint_digest": _digest(Path(v["checkpoint"]) / "COMPLETE")}
+                source = ({"checkpoint": v["checkpoint"], "checkpoint_digest": sha256_file(Path(v["checkpoint"]) / MARKER)}
                           if v["objective"] else {"random_model": floor_cfg})
                 ft, cached = run_stage(finetune_downstream, db_path=db, task_name=task["name"], labels=task["labels"],
                                        tokenizer_path=tok["path"], specials=specials, finetune_config=ft_cfg,
@@ -240,10 +240,6 @@ def _log_downstream(c, v: dict, task_name: str) -> None:
     for ft in v["downstream"]:
         log_metric_rows(c, v["run_id"], [{"step": p["epoch"], f"finetune/seed{ft['seed']}/val_accuracy": p["val_accuracy"],
                                           f"finetune/seed{ft['seed']}/train_loss": p["train_loss"]} for p in ft["curve"]])
-
-
-def _digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _table_row(v: dict) -> dict:

@@ -31,7 +31,7 @@ class CheckpointError(RuntimeError):
     pass
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -119,10 +119,9 @@ def save_checkpoint(
             (tmp / "dataloader.json").write_text(json.dumps(dataloader))
         if rng is not None:
             safetensors.torch.save_file({k: v.contiguous() for k, v in rng.items()}, str(tmp / "rng.safetensors"))
-        files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
         for p in tmp.iterdir():
             _fsync(p)
-        (tmp / MARKER).write_text(json.dumps(files, indent=2))
+        seal(tmp)
         _fsync(tmp / MARKER)
         _fsync(tmp)
     except (OSError, safetensors.SafetensorError) as exc:  # safetensors reports a full disk as its own error
@@ -142,6 +141,12 @@ def save_checkpoint(
     return path
 
 
+def seal(folder: Path) -> None:
+    """Write the marker: a SHA-256 of every other file in `folder`. Written last, it makes the folder a checkpoint."""
+    files = {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.name != MARKER}
+    (folder / MARKER).write_text(json.dumps(files, indent=2))
+
+
 def verify(path: str | Path) -> None:
     path = Path(path)
     marker = path / MARKER
@@ -152,7 +157,7 @@ def verify(path: str | Path) -> None:
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise CheckpointError(f"checkpoint {path} is corrupted: its {MARKER} marker is not valid JSON") from None
     for name, digest in files.items():
-        if not (path / name).exists() or _sha256(path / name) != digest:
+        if not (path / name).exists() or sha256_file(path / name) != digest:
             raise CheckpointError(f"checkpoint {path} is corrupted: {name} does not match its checksum")
 
 

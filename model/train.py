@@ -98,8 +98,9 @@ class _SigtermFlag:
 
 
 def _raise_if_nonfinite(bad_step: torch.Tensor) -> None:
-    if int(bad_step) >= 0:  # a host-device sync: called every log_interval steps and before saves only
-        raise FloatingPointError(f"non-finite loss at step {int(bad_step)}; lower train.lr or set train.nonfinite=skip")
+    step = int(bad_step)  # a host-device sync: called every log_interval steps and before saves only
+    if step >= 0:
+        raise FloatingPointError(f"non-finite loss at step {step}; lower train.lr or set train.nonfinite=skip")
 
 
 def _check_resumable(saved: TrainConfig, cfg: TrainConfig, path: Path) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tasks.tracking import reap_stale_runs, start_run
+from tasks.tracking import read_metric_rows, reap_stale_runs, start_run
 from tests.conftest import ROOT, write_corpus
 from tests.test_pipeline import tiny_config
 
@@ -37,14 +37,7 @@ def _trainer_pid(parent: int) -> int | None:
 
 
 def _metrics_step(home: Path) -> int:
-    steps = [0]
-    for path in home.glob("runs/clm-*/metrics.jsonl"):
-        for line in path.read_text().splitlines():
-            try:
-                steps.append(json.loads(line)["step"])
-            except (json.JSONDecodeError, KeyError):
-                pass
-    return max(steps)
+    return max([0] + [row["step"] for path in home.glob("runs/clm-*/metrics.jsonl") for row in read_metric_rows(path)])
 
 
 @pytest.mark.parametrize("fault", ["sigterm-flow", "sigkill-trainer"])

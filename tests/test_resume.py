@@ -18,6 +18,7 @@ from model.checkpoint import CheckpointError, CheckpointManager, save_checkpoint
 from model.config import ModelConfig, TrainConfig, to_dict
 from model.objectives import get_objective
 from model.train import train
+from tasks.tracking import read_metric_rows
 from tests.conftest import ROOT
 from tests.test_train import _config, _rows
 
@@ -42,12 +43,7 @@ def _start(tmp_path, name: str) -> subprocess.Popen:
 
 
 def _losses(run_dir) -> dict[int, float]:
-    rows = []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # a line still being written
-            pass
+    rows = read_metric_rows(run_dir / "metrics.jsonl")  # skips a line still being written
     return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
 
 
@@ -112,8 +108,7 @@ def test_resume_without_the_data_position_differs(tmp_path, reference):
     def rewind_data_position(run_dir):
         for step_dir in CheckpointManager(run_dir / "checkpoints").valid():
             (step_dir / "dataloader.json").write_text(json.dumps({"epoch": 0, "position": 0}))
-            files = {p.name: ckpt._sha256(p) for p in sorted(step_dir.iterdir()) if p.name != ckpt.MARKER}
-            (step_dir / ckpt.MARKER).write_text(json.dumps(files))
+            ckpt.seal(step_dir)
 
     resumed = _kill_and_resume(tmp_path, "rewound", 2 * EVERY + 2, tamper=rewind_data_position)
     expected, got = _losses(reference), _losses(resumed)
