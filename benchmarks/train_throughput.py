@@ -20,7 +20,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from model.config import ModelConfig  # noqa: E402
-from model.export import bert_config, gpt2_config  # noqa: E402
+from model.hf.bert import bert_config  # noqa: E402
+from model.hf.gpt2 import gpt2_config  # noqa: E402
 from model.objectives import get_objective  # noqa: E402
 from model.objectives.mlm import MaskingConfig, mask_tokens  # noqa: E402
 

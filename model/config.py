@@ -22,11 +22,15 @@ SIZES: dict[str, dict[str, int]] = {
     "base": dict(n_layers=12, d_model=768, n_heads=12, d_ff=3072),
 }
 
-# What makes an encoder BERT and a decoder GPT-2.
+# What makes an encoder BERT, a decoder GPT-2 and an encoder-decoder T5 (v1.0).
 ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
     "encoder": dict(norm="post", activation="gelu", ln_eps=1e-12, n_segments=2, embed_norm=True),
     "decoder": dict(norm="pre", activation="gelu_tanh", ln_eps=1e-5, n_segments=0, embed_norm=False),
+    "encoder-decoder": dict(norm="pre", norm_kind="rms", bias=False, position="relative", scale_attn=False,
+                            activation="relu", ln_eps=1e-6, n_segments=0, embed_norm=False),
 }
+CHOICES = {"norm": ("post", "pre"), "norm_kind": ("layer", "rms"), "position": ("learned", "sinusoidal", "relative"),
+           "activation": ("gelu", "gelu_tanh", "relu")}
 
 
 class ConfigError(ValueError):
@@ -36,18 +40,26 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     name: str = "custom"
-    arch: str = "encoder"  # encoder (bidirectional) | decoder (causal)
+    arch: str = "encoder"  # encoder (bidirectional) | decoder (causal) | encoder-decoder
     vocab_size: int = 8192
     max_seq_len: int = 512
     n_layers: int = 2
     d_model: int = 128
     n_heads: int = 2
     d_ff: int = 512
-    norm: str = "post"  # post-LN (BERT) | pre-LN (GPT-2)
-    activation: str = "gelu"  # gelu (erf) | gelu_tanh
+    n_decoder_layers: int = 0  # encoder-decoder only; 0: n_layers
+    norm: str = "post"  # post-LN (BERT) | pre-LN (GPT-2, T5)
+    norm_kind: str = "layer"  # layer (LayerNorm) | rms (T5's RMSNorm)
+    bias: bool = True  # biases in linear layers and LayerNorms (T5 has none)
+    position: str = "learned"  # learned | sinusoidal (fixed) | relative (T5 buckets)
+    rel_buckets: int = 32
+    rel_max_distance: int = 128
+    scale_attn: bool = True  # 1/sqrt(d_head) in attention (T5 folds it into its init)
+    activation: str = "gelu"  # gelu (erf) | gelu_tanh | relu
     ln_eps: float = 1e-12
     n_segments: int = 2  # token-type embeddings; 0 for none
     embed_norm: bool = True  # LayerNorm after the embeddings (BERT)
+    embed_size: int = 0  # embedding width when it differs from d_model (ELECTRA's generator); 0: d_model
     dropout: float = 0.0
     pad_id: int = 0
 
@@ -56,6 +68,11 @@ class ModelConfig:
             raise ConfigError(f"model.arch={self.arch!r} is unknown; use one of {sorted(ARCH_DEFAULTS)}")
         if self.d_model % self.n_heads:
             raise ConfigError(f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}")
+        for key, allowed in CHOICES.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"model.{key}={getattr(self, key)!r} is unknown; use one of {', '.join(allowed)}")
+        if self.position == "sinusoidal" and self.d_model % 2:
+            raise ConfigError(f"model.position=sinusoidal needs an even model.d_model, not {self.d_model}")
 
     @classmethod
     def from_name(cls, name: str, arch: str = "encoder", **overrides: Any) -> "ModelConfig":
@@ -94,10 +111,20 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     compile: str = "auto"  # auto (on for CUDA) | true | false
     num_threads: int = 0  # CPU threads; 0 leaves torch's default
+    max_flops: float = 0.0  # stop at this many training FLOPs instead of max_steps (equal-compute studies); 0: off
+    # Masked LM family (mlm, mlm-static, mlm-wwm, nsp, sop, electra)
     mask_prob: float = 0.15
     mask_token_ratio: float = 0.8
     random_token_ratio: float = 0.1
-    specials: dict[str, int] = field(default_factory=dict)  # pad, unk, cls, sep, mask ids of the tokenizer
+    whole_word: bool = False  # select whole words, not sub-word tokens
+    static_masking: bool = False  # masks drawn once when examples are made (BERT), not per batch (RoBERTa)
+    static_copies: int = 10  # static masking: each row duplicated with this many different masks
+    mlm_weight: float = 1.0  # nsp / sop: L = mlm_weight * L_MLM + L_sentence; 0 trains the sentence task alone
+    generator_ratio: float = 0.25  # electra: generator width / discriminator width
+    disc_weight: float = 50.0  # electra: L = L_gen + disc_weight * L_disc
+    noise_density: float = 0.15  # t5 span corruption
+    mean_span: float = 3.0  # t5 span corruption
+    specials: dict[str, int] = field(default_factory=dict)  # pad, unk, cls, sep, mask, sentinel ids of the tokenizer
     grad_accum_steps: int = 1  # micro-batches of batch_size per optimizer step
     checkpoint_interval: int = 0  # steps between resumable checkpoints; 0: eval_interval
     keep_checkpoints: int = 2  # the last K resumable checkpoints are kept, plus the best by val loss
@@ -109,6 +136,10 @@ class TrainConfig:
             raise ConfigError(f"train.nonfinite={self.nonfinite!r} is unknown; use stop or skip")
         if self.grad_accum_steps < 1:
             raise ConfigError(f"train.grad_accum_steps={self.grad_accum_steps} must be at least 1")
+        if not 0 < self.mask_prob < 1:
+            raise ConfigError(f"train.mask_prob={self.mask_prob} must be between 0 and 1")
+        if self.mask_token_ratio + self.random_token_ratio > 1:
+            raise ConfigError("train.mask_token_ratio + train.random_token_ratio must not exceed 1")
 
 
 def _is_dataclass_type(tp: Any) -> bool:

@@ -12,6 +12,30 @@ import numpy as np
 import torch
 
 
+WORD_STARTS_FILE = "word_starts.npy"
+WORD_MARKERS = ("\u0120", "\u010a", "\u2581")  # byte-level BPE's space and newline, Metaspace's space
+
+
+def word_starts(tokenizer_path: str | Path) -> np.ndarray:
+    """A bool per vocabulary id: does this token begin a word? (What whole-word masking groups by.)
+
+    WordPiece marks continuations with `##`; byte-level BPE and Metaspace mark word starts with
+    their space symbol. Tokens that begin with punctuation also start a word, as BERT's
+    pre-tokeniser splits punctuation off.
+    """
+    from tokenizers import Tokenizer
+
+    vocab = Tokenizer.from_file(str(tokenizer_path)).get_vocab(with_added_tokens=True)
+    table = np.zeros(max(vocab.values()) + 1, dtype=bool)
+    wordpiece = any(t.startswith("##") for t in vocab)
+    for token, i in vocab.items():
+        if wordpiece:
+            table[i] = not token.startswith("##")
+        else:
+            table[i] = token.startswith(WORD_MARKERS) or not token[:1].isalnum()
+    return table
+
+
 def pack_stream(tokens: np.ndarray, offsets: np.ndarray, sep_id: int) -> np.ndarray:
     """Concatenate documents with a separator after each one (offsets: n_docs + 1 boundaries)."""
     return np.insert(tokens, offsets[1:], sep_id).astype(tokens.dtype, copy=False)

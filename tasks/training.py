@@ -11,7 +11,7 @@ from pathlib import Path
 from prefect import task
 
 from model.checkpoint import load_pretrained
-from model.export import export_hf
+from model.hf import export_hf
 from tasks.caching import stage_cache_key
 from tasks.tracking import MetricsTail, client
 from tasks.workspace import PACKAGE_ROOT, Workspace
@@ -69,7 +69,7 @@ def pretrain(train_config: dict, tokenizer_path: str, mlflow_run_id: str | None 
         raise TrainingFailed(f"pretraining {train_config['objective']} {exit_reason(proc.returncode)} "
                              f"(files in {out})")
     model, _ = load_pretrained(out / "checkpoint")
-    hf_dir = export_hf(model, out / "hf", tokenizer_path, train_config["specials"])
+    hf_dir = export_hf(model, train_config["objective"], out / "hf", tokenizer_path, train_config["specials"])
     summary = json.loads((out / "summary.json").read_text())
     return {
         "objective": train_config["objective"],

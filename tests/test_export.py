@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from model.config import ModelConfig
-from model.export import ExportError, export_hf
+from model.hf import ExportError, export_hf
 from model.objectives import get_objective
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -33,7 +33,7 @@ def _model(objective: str, seed: int = 0):
 )
 def test_export_matches_transformers(tmp_path, objective, auto_class):
     model = _model(objective)
-    export_hf(model, tmp_path / "hf", None, SPECIALS)
+    export_hf(model, objective, tmp_path / "hf", None, SPECIALS)
     hf = getattr(transformers, auto_class).from_pretrained(tmp_path / "hf").eval()
     ids = torch.randint(5, 300, (3, 40), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
@@ -50,4 +50,4 @@ def test_export_refuses_non_stock_architecture(tmp_path):
     obj = get_objective("mlm")
     cfg = ModelConfig.from_name("tiny", arch="encoder", norm="pre", vocab_size=300)
     with pytest.raises(ExportError, match="norm"):
-        export_hf(obj.build(cfg, None, SPECIALS), tmp_path / "hf", None, SPECIALS)
+        export_hf(obj.build(cfg, None, SPECIALS), "mlm", tmp_path / "hf", None, SPECIALS)

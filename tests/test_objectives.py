@@ -2,14 +2,14 @@ import numpy as np
 import pytest
 import torch
 
-from model.config import ConfigError
+from model.config import ConfigError, TrainConfig
 from model.objectives import get_objective
 from model.objectives.mlm import IGNORE, MaskingConfig, mask_tokens
 from tests.conftest import SPECIALS
 
 
 def test_unknown_objective_is_clear():
-    with pytest.raises(ConfigError, match="unknown objective 'bert3'; available objectives: mlm, clm"):
+    with pytest.raises(ConfigError, match="unknown objective 'bert3'; available objectives: mlm, mlm-static"):
         get_objective("bert3")
 
 
@@ -63,7 +63,7 @@ def _stream():
 
 
 def test_mlm_examples_start_with_cls_and_separate_documents():
-    rows = get_objective("mlm").make_examples(*_stream(), 16, SPECIALS)
+    rows = get_objective("mlm").make_examples(*_stream(), TrainConfig(seq_len=16), SPECIALS)
     assert rows.shape[1] == 16 and (rows[:, 0] == SPECIALS["cls"]).all()
     flat = rows[:, 1:].reshape(-1)
     seps = np.flatnonzero(flat == SPECIALS["sep"])
@@ -73,7 +73,7 @@ def test_mlm_examples_start_with_cls_and_separate_documents():
 
 
 def test_clm_examples_overlap_by_one_so_every_token_is_a_target():
-    rows = get_objective("clm").make_examples(*_stream(), 16, SPECIALS)
+    rows = get_objective("clm").make_examples(*_stream(), TrainConfig(seq_len=16), SPECIALS)
     assert rows.shape[1] == 17
     assert (rows[1:, 0] == rows[:-1, -1]).all()
     targets = np.concatenate([r[1:] for r in rows])

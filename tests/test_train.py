@@ -22,7 +22,7 @@ def _rows(tmp_path, objective: str, seq_len: int = 32):
     docs = [np.tile(np.minimum(4 + rng.zipf(1.3, size=rng.integers(3, 8)), 255), 12)[:60] for _ in range(300)]
     tokens = np.concatenate(docs).astype(np.uint16)
     offsets = np.concatenate([[0], np.cumsum([len(d) for d in docs])])
-    rows = get_objective(objective).make_examples(tokens, offsets, seq_len, SPECIALS)
+    rows = get_objective(objective).make_examples(tokens, offsets, TrainConfig(seq_len=seq_len), SPECIALS)
     n_val = len(rows) // 10
     save_rows(tmp_path / "data" / "train.npy", rows[n_val:])
     save_rows(tmp_path / "data" / "validation.npy", rows[:n_val])

@@ -8,8 +8,9 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 
 from warehouse.store import WarehouseError, iter_texts
 
-# Fixed ids 0..4, so every objective and every export agrees on them.
+# Fixed ids 0..4, so every objective and every export agrees on them; T5's sentinels follow (5, 6, ...).
 SPECIAL_TOKENS = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"}
+SENTINEL = "<extra_id_{}>"
 KINDS = ("bpe", "wordpiece", "unigram")
 
 
@@ -18,10 +19,11 @@ class TokenizerConfig:
     kind: str = "bpe"  # byte-level BPE (GPT-2 / RoBERTa) | wordpiece (BERT) | unigram (T5)
     vocab_size: int = 8192
     min_frequency: int = 2
+    sentinels: int = 32  # span-corruption sentinels <extra_id_0..N-1> (T5 needs one per masked span)
 
 
 def _build(cfg: TokenizerConfig):
-    specials = list(SPECIAL_TOKENS.values())
+    specials = list(SPECIAL_TOKENS.values()) + [SENTINEL.format(i) for i in range(cfg.sentinels)]
     if cfg.kind == "bpe":
         tok = Tokenizer(models.BPE(unk_token="[UNK]"))
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -59,4 +61,11 @@ def train_tokenizer(db_path: str | Path, snapshot_id: str, cfg: TokenizerConfig,
 
 
 def special_ids(tok: Tokenizer) -> dict[str, int]:
-    return {name: tok.token_to_id(token) for name, token in SPECIAL_TOKENS.items()}
+    """Ids of the special tokens; the sentinels as the range `sentinel` .. `sentinel_last`."""
+    ids = {name: tok.token_to_id(token) for name, token in SPECIAL_TOKENS.items()}
+    n = 0
+    while tok.token_to_id(SENTINEL.format(n)) is not None:
+        n += 1
+    if n:
+        ids["sentinel"], ids["sentinel_last"] = tok.token_to_id(SENTINEL.format(0)), tok.token_to_id(SENTINEL.format(n - 1))
+    return ids

@@ -10,15 +10,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.config import ModelConfig
+from model.config import ModelConfig, TrainConfig
 from model.data import chunk_rows, pack_stream
 from model.transformer import Transformer
 
 ARCH = "decoder"
 
 
-def make_examples(tokens: np.ndarray, offsets: np.ndarray, seq_len: int, specials: dict[str, int]) -> np.ndarray:
-    return chunk_rows(pack_stream(tokens, offsets, specials["sep"]), seq_len + 1, seq_len)
+def make_examples(tokens: np.ndarray, offsets: np.ndarray, cfg: TrainConfig, specials: dict[str, int],
+                  word_starts: np.ndarray | None = None) -> np.ndarray:
+    return chunk_rows(pack_stream(tokens, offsets, specials["sep"]), cfg.seq_len + 1, cfg.seq_len)
 
 
 class CausalLM(nn.Module):
@@ -45,3 +46,9 @@ class CausalLM(nn.Module):
 
 def build(cfg: ModelConfig, train_cfg=None, specials: dict[str, int] | None = None) -> CausalLM:
     return CausalLM(cfg)
+
+
+def hf_exports(model: CausalLM, specials: dict[str, int]) -> dict[str, tuple[dict, dict]]:
+    from model.hf.gpt2 import causal_lm_state_dict, gpt2_config
+
+    return {"": (causal_lm_state_dict(model), gpt2_config(model.cfg, specials))}
