@@ -16,7 +16,7 @@ from rich.console import Console
 from flows.config import PipelineConfig, config_hash, load_config
 from model.checkpoint import MARKER, sha256_file
 from model.config import TrainConfig, load_dataclass, to_dict
-from model.objectives import get_objective
+from model.objectives import EXAMPLE_KEYS, get_objective, preset
 from tasks import report as reporting
 from tasks.caching import run_stage
 from tasks.data import (define_downstream_task, ingest_corpus, make_examples, snapshot_corpus,
@@ -151,14 +151,15 @@ def _run(cfg, ws, db, c, exp_id, parent, stages, has_task, logger) -> dict:
     variants = []
     for objective in cfg.objectives:
         obj = get_objective(objective)
-        seq_len = int(cfg.train.get("seq_len", TrainConfig.seq_len))
-        ex_dir = ws.stage_dir("examples", f"{objective}-{seq_len}-{shard_dir.name}")
-        examples, cached = run_stage(make_examples, objective=objective, shard_dir=str(shard_dir),
-                                     seq_len=seq_len, specials=specials, out_dir=str(ex_dir))
+        tc = load_dataclass(TrainConfig, preset(objective, cfg.train))
+        tc.objective, tc.specials = objective, specials
+        example_config = {k: getattr(tc, k) for k in (*EXAMPLE_KEYS, "specials")}
+        ex_dir = ws.stage_dir("examples", f"{objective}-{config_hash(example_config)}-{shard_dir.name}")
+        examples, cached = run_stage(make_examples, train_config=example_config, shard_dir=str(shard_dir),
+                                     tokenizer_path=tok["path"], out_dir=str(ex_dir))
         stages.done(f"examples {objective}", cached, f"rows {examples['rows']}")
 
-        tc = load_dataclass(TrainConfig, cfg.train)
-        tc.objective, tc.specials, tc.data_dir = objective, specials, str(ex_dir)
+        tc.data_dir = str(ex_dir)
         tc.model = cfg.model_config(obj.ARCH, tok["vocab_size"])
         tc.out_dir = str(ws.stage_dir("runs", f"{objective}-{config_hash(to_dict(tc))}"))
         train_config = to_dict(tc)
@@ -167,6 +168,9 @@ def _run(cfg, ws, db, c, exp_id, parent, stages, has_task, logger) -> dict:
             "arch": obj.ARCH, "seq_len": tc.seq_len, "batch_size": tc.batch_size, "max_steps": tc.max_steps,
             "lr": tc.lr, "vocab_size": tok["vocab_size"]}, base_tags)
         log_dict(c, run_id, train_config, "config/train_config.json")
+        log_params(c, run_id, {f"examples_{split}": n for split, n in examples["rows"].items()}
+                   | {"row_width": examples["row_width"], "max_flops": tc.max_flops})
+        c.log_text(run_id, examples["sample"], "examples/sample.txt")
         result, cached = run_stage(pretrain, train_config=train_config, tokenizer_path=tok["path"], mlflow_run_id=run_id)
         if cached:  # the metrics streamed into the run that trained it; copy them into this one
             log_metric_rows(c, run_id, read_metric_rows(Path(result["metrics_file"])))

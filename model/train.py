@@ -103,10 +103,21 @@ def _raise_if_nonfinite(bad_step: torch.Tensor) -> None:
         raise FloatingPointError(f"non-finite loss at step {step}; lower train.lr or set train.nonfinite=skip")
 
 
+def total_steps(cfg: TrainConfig, flops_per_step: float) -> int:
+    """max_steps, or as many steps as fit in the FLOP budget when train.max_flops is set."""
+    if cfg.max_flops <= 0:
+        return cfg.max_steps
+    steps = int(cfg.max_flops // flops_per_step)
+    if steps < 1:
+        raise ConfigError(f"train.max_flops={cfg.max_flops:.3g} is less than one step ({flops_per_step:.3g} FLOPs); "
+                          "raise it or use a smaller model / batch")
+    return steps
+
+
 def _check_resumable(saved: TrainConfig, cfg: TrainConfig, path: Path) -> None:
     """Resuming is exact only with the same model, objective and data shapes; refuse anything else."""
     for key in ("objective", "model", "data_dir", "seq_len", "batch_size", "grad_accum_steps", "seed", "lr",
-                "warmup_steps", "max_steps", "min_lr_ratio", "weight_decay", "mask_prob"):
+                "warmup_steps", "max_steps", "max_flops", "min_lr_ratio", "weight_decay", "mask_prob"):
         if getattr(saved, key) != getattr(cfg, key):
             raise ConfigError(f"checkpoint {path} was made with {key}={getattr(saved, key)!r}, this run has "
                               f"{getattr(cfg, key)!r}; use another out_dir or set resume: false")
@@ -146,14 +157,15 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.compile == "true" or (cfg.compile == "auto" and device.type == "cuda"):
         step_fn = torch.compile(model)
     optimizer = configure_optimizer(model, cfg.lr, cfg.weight_decay, device.type)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, cosine_schedule(cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
-    )
     train_rows, val_rows = load_rows(cfg.data_dir, "train"), load_rows(cfg.data_dir, "validation")
     loader = RowLoader(train_rows, cfg.batch_size, cfg.seed)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    tokens_per_step = cfg.batch_size * cfg.grad_accum_steps * train_rows.shape[1]
-    flops_per_step = model.flops_per_token(train_rows.shape[1]) * tokens_per_step
+    tokens_per_step = cfg.batch_size * cfg.grad_accum_steps * cfg.seq_len
+    flops_per_step = model.flops_per_token(cfg.seq_len) * tokens_per_step
+    max_steps = total_steps(cfg, flops_per_step)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, cosine_schedule(cfg.warmup_steps, max_steps, cfg.min_lr_ratio)
+    )
 
     checkpoints = CheckpointManager(out_dir / "checkpoints", cfg.keep_checkpoints)
     start_step, skipped, last = 0, 0, {}
@@ -176,7 +188,7 @@ def train(cfg: TrainConfig) -> dict:
         metrics_file.write(json.dumps({"step": step, **values}) + "\n")
 
     def train_state(step: int) -> dict:
-        return {"step": step, "tokens_seen": step * tokens_per_step, "skipped_steps": skipped,
+        return {"step": step, "tokens_seen": step * tokens_per_step, "flops": step * flops_per_step, "skipped_steps": skipped,
                 "epoch": loader.state.epoch, "position": loader.state.position, "last_eval": last,
                 "val_loss": last.get("val/loss") if last.get("step") == step else None}
 
@@ -194,8 +206,8 @@ def train(cfg: TrainConfig) -> dict:
     started = time.perf_counter()
     window_start, window_steps = started, 0
     with progress, _SigtermFlag() as sigterm:
-        bar = progress.add_task("train", total=cfg.max_steps, completed=start_step, loss="-", tps="-")
-        for step in range(start_step + 1, cfg.max_steps + 1):
+        bar = progress.add_task("train", total=max_steps, completed=start_step, loss="-", tps="-")
+        for step in range(start_step + 1, max_steps + 1):
             for _ in range(cfg.grad_accum_steps):
                 batch = loader.next_batch().to(device, non_blocking=True)
                 with amp():
@@ -213,38 +225,40 @@ def train(cfg: TrainConfig) -> dict:
                 optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             window_steps += 1
-            if step % cfg.log_interval == 0 or step == cfg.max_steps:
+            if step % cfg.log_interval == 0 or step == max_steps:
                 _raise_if_nonfinite(bad_step)
                 loss_value = loss.item()
                 now = time.perf_counter()
                 tps = window_steps * tokens_per_step / (now - window_start)
                 window_start, window_steps = now, 0
                 emit(step, {"train/loss": loss_value, "train/lr": scheduler.get_last_lr()[0],
-                            "throughput/tokens_per_s": tps})
+                            "throughput/tokens_per_s": tps, "train/flops": step * flops_per_step})
                 progress.update(bar, loss=f"{loss_value:.3f}", tps=f"{tps:,.0f}")
-            if step % cfg.eval_interval == 0 or step == cfg.max_steps:
+            if step % cfg.eval_interval == 0 or step == max_steps:
                 last = {"step": step, **evaluate(model, val_rows, cfg, device, amp)}
-                emit(step, {k: v for k, v in last.items() if k != "step"})
-            if step % interval == 0 or step == cfg.max_steps:
+                emit(step, {**{k: v for k, v in last.items() if k != "step"}, "train/flops": step * flops_per_step})
+            if step % interval == 0 or step == max_steps:
                 checkpoint(step)
             progress.update(bar, advance=1)
             if sigterm.raised:
-                if step % interval and step != cfg.max_steps:
+                if step % interval and step != max_steps:
                     checkpoint(step)
                 metrics_file.close()
                 raise Stopped(step)
     elapsed = time.perf_counter() - started
     metrics_file.close()
     if not last:  # resumed a run that had already finished
-        last = {"step": cfg.max_steps, **evaluate(model, val_rows, cfg, device, amp)}
+        last = {"step": max_steps, **evaluate(model, val_rows, cfg, device, amp)}
 
-    state = train_state(cfg.max_steps)
+    state = train_state(max_steps)
     save_checkpoint(out_dir / "checkpoint", model, cfg, state)
-    trained_steps = cfg.max_steps - start_step
+    trained_steps = max_steps - start_step
     summary = {
         **{k: v for k, v in last.items() if k != "step"},
         "tokens_seen": state["tokens_seen"],
-        "pretrain_flops": flops_per_step * cfg.max_steps,
+        "pretrain_flops": flops_per_step * max_steps,
+        "flops_per_token": flops_per_step / tokens_per_step,
+        "steps": max_steps,
         "n_params": sum(p.numel() for p in model.parameters()),
         "train_seconds": elapsed,
         "throughput/tokens_per_s": trained_steps * tokens_per_step / elapsed if trained_steps else 0.0,

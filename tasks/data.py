@@ -8,7 +8,10 @@ from pathlib import Path
 
 from prefect import task
 
-from model.data import save_rows
+import numpy as np
+
+from model.config import TrainConfig, load_dataclass
+from model.data import WORD_STARTS_FILE, save_rows, word_starts
 from model.objectives import get_objective
 from tasks.caching import retry_on_io, stage_cache_key
 from warehouse import store
@@ -76,14 +79,35 @@ def tokenize_snapshot(db_path: str, snapshot_id: str, tokenizer_path: str, out_d
 
 
 @task(name="examples", cache_key_fn=stage_cache_key("model", "warehouse"), **CACHED)
-def make_examples(objective: str, shard_dir: str, seq_len: int, specials: dict, out_dir: str) -> dict:
-    """The objective's example maker over each split's token stream, written as memory-mappable rows."""
-    maker = get_objective(objective).make_examples
+def make_examples(train_config: dict, shard_dir: str, tokenizer_path: str, out_dir: str) -> dict:
+    """The objective's example maker over each split's token stream, written as memory-mappable rows.
+
+    `train_config` holds only the keys example makers read (model.objectives.EXAMPLE_KEYS) and the
+    specials, so a change of learning rate reuses the examples.
+    """
+    cfg = load_dataclass(TrainConfig, train_config)
+    maker = get_objective(cfg.objective).make_examples
+    starts = word_starts(tokenizer_path)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / WORD_STARTS_FILE, starts)
     counts = {}
     for split in store.SPLITS:
         tokens, offsets = load_split(shard_dir, split)
-        rows = maker(tokens, offsets, seq_len, specials)
-        save_rows(Path(out_dir) / f"{split}.npy", rows)
+        rows = maker(tokens, offsets, cfg, cfg.specials, starts)
+        save_rows(out / f"{split}.npy", rows)
         counts[split] = int(len(rows))
-    (Path(out_dir) / "meta.json").write_text(json.dumps({"objective": objective, "seq_len": seq_len, "rows": counts}))
-    return {"rows": counts, "dir": out_dir, "outputs": [str(Path(out_dir) / f"{s}.npy") for s in store.SPLITS]}
+    sample = decode_sample(tokenizer_path, rows[:1] if len(rows) else rows)
+    (out / "meta.json").write_text(json.dumps({"objective": cfg.objective, "seq_len": cfg.seq_len, "rows": counts,
+                                               "row_width": int(rows.shape[1]), "sample": sample}))
+    return {"rows": counts, "dir": out_dir, "row_width": int(rows.shape[1]), "sample": sample,
+            "outputs": [str(out / f"{s}.npy") for s in store.SPLITS]}
+
+
+def decode_sample(tokenizer_path: str, rows) -> str:
+    """The first example row as text (special tokens kept), for a human to check what the model sees."""
+    from tokenizers import Tokenizer
+
+    if not len(rows):
+        return ""
+    return Tokenizer.from_file(tokenizer_path).decode([int(i) for i in rows[0]], skip_special_tokens=False)

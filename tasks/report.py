@@ -37,6 +37,17 @@ def run_link(exp_id: str, run_id: str) -> str:
     return f"[{run_id[:8]}]({MLFLOW_UI}/#/experiments/{exp_id}/runs/{run_id})"
 
 
+# The validation statistic that says most about each objective, in order of preference.
+OBJECTIVE_METRICS = (("val/masked_accuracy", "masked acc"), ("val/disc_accuracy", "replaced-token acc"),
+                     ("val/token_accuracy", "target acc"), ("val/next_token_accuracy", "next-token acc"),
+                     ("val/sentence_accuracy", "sentence acc"))
+
+
+def objective_metric(summary: dict) -> str:
+    parts = [f"{label} {summary[key]:.3f}" for key, label in OBJECTIVE_METRICS if key in summary]
+    return ", ".join(parts) or "-"
+
+
 def build_markdown(variants: list[dict], context: dict) -> str:
     task = context.get("task")
     lines = [
@@ -55,8 +66,7 @@ def build_markdown(variants: list[dict], context: dict) -> str:
     lines += [header + " MLflow run |", sep + "---|"]
     for v in variants:
         s = v.get("summary", {})
-        metric = ("masked acc {:.3f}".format(s["val/masked_accuracy"]) if "val/masked_accuracy" in s
-                  else "ppl {:.1f}".format(s["val/perplexity"]) if "val/perplexity" in s else "-")
+        metric = objective_metric(s)
         row = (f"| {v['name']} | {v.get('objective') or '-'} | {s.get('n_params', v.get('n_params', 0)) / 1e6:.2f}M | "
                f"{s.get('tokens_seen', 0):,} | {s.get('pretrain_flops', 0):.2e} | "
                f"{s['val/loss']:.3f} | {metric} |" if s else
@@ -106,12 +116,13 @@ def plot_losses(variants: list[dict], path: Path) -> Path:
         if not v.get("metrics_file"):
             continue
         rows = read_metric_rows(Path(v["metrics_file"]))
-        tokens_per_step = v["summary"]["tokens_seen"] / max(r["step"] for r in rows)
+        flops_per_step = v["summary"]["pretrain_flops"] / max(r["step"] for r in rows)
         for ax, key in zip(axes, ("train/loss", "val/loss")):
-            pts = [(r["step"] * tokens_per_step, r[key]) for r in rows if key in r]
+            pts = [(r["step"] * flops_per_step, r[key]) for r in rows if key in r]
             ax.plot(*zip(*pts), marker="o" if key == "val/loss" else None, label=v["name"])
     for ax, title in zip(axes, ("training loss", "validation loss")):
-        ax.set_xlabel("tokens seen")
+        ax.set_xlabel("training FLOPs")
+        ax.set_xscale("log")
         ax.set_ylabel("cross-entropy (nats)")
         ax.set_title(title)
         ax.grid(alpha=0.3)

@@ -70,7 +70,8 @@ def static_rows(rows: np.ndarray, cfg: TrainConfig, specials: dict[str, int], wo
 def select_words(ids: torch.Tensor, word_starts: torch.Tensor, special: torch.Tensor, prob: float,
                  rand) -> torch.Tensor:
     """Positions of whole words chosen with probability `prob` (each token follows its word's start)."""
-    starts = word_starts.to(ids.device)[ids] | special
+    after_special = F.pad(special[:, :-1], (1, 0), value=True)  # a word never continues across [SEP] or [CLS]
+    starts = word_starts.to(ids.device)[ids] | special | after_special
     positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
     # Index of the word start each token belongs to: a running maximum over start positions.
     start_of = torch.cummax(torch.where(starts, positions, torch.zeros_like(positions)), dim=1).values
