@@ -155,19 +155,45 @@ def _self_command() -> str:
     return "pretrain"
 
 
+ObjectiveOption = typer.Option([], "--objective", "-o",
+                               help="Pretraining objective to run (repeatable; replaces the config's list). "
+                                    "`pretrain objectives` lists them.")
+
+
+def _with_objectives(overrides: list[str], objectives: list[str]) -> list[str]:
+    return [*overrides, f"objectives=[{','.join(objectives)}]"] if objectives else overrides
+
+
 @app.command()
-def demo(set_: list[str] = SetOption) -> None:
+def demo(set_: list[str] = SetOption, objective: list[str] = ObjectiveOption) -> None:
     """The demo pipeline on the built-in corpus (the Python documentation): MLM vs autoregressive LM."""
-    _execute("demo.yaml", set_)
+    _execute("demo.yaml", _with_objectives(set_, objective))
 
 
 @app.command()
 def run(
     config: str = typer.Option(..., "--config", "-c", help="Pipeline config (YAML), e.g. configs/demo.yaml."),
     set_: list[str] = SetOption,
+    objective: list[str] = ObjectiveOption,
 ) -> None:
     """The pipeline on your own config and corpus (e.g. --set corpus.path='texts/**/*.txt')."""
-    _execute(config, set_)
+    _execute(config, _with_objectives(set_, objective))
+
+
+@app.command()
+def objectives() -> None:
+    """The pretraining objectives, with their architecture and what each is."""
+    from rich.table import Table
+
+    from model.objectives import OBJECTIVES, PRESETS, get_objective
+
+    table = Table("objective", "architecture", "settings", "what it is")
+    for name in OBJECTIVES:
+        module = get_objective(name)
+        doc = (module.__doc__ or "").strip().splitlines()[0]
+        settings = ", ".join(f"{k}={v}" for k, v in PRESETS.get(name, {}).items())
+        table.add_row(name, module.ARCH, settings, doc)
+    Console().print(table)
 
 
 def _start(cmd: list[str], env: dict) -> subprocess.Popen:

@@ -76,11 +76,18 @@ class ModelConfig:
 
     @classmethod
     def from_name(cls, name: str, arch: str = "encoder", **overrides: Any) -> "ModelConfig":
-        if name not in SIZES:
-            raise ConfigError(f"model size {name!r} is unknown; use one of {sorted(SIZES)} or give the dimensions")
+        """A named size, or `custom` with every dimension given in `overrides` (a user-defined size)."""
+        if name == "custom":
+            missing = [k for k in SIZES["tiny"] if k not in overrides]
+            if missing:
+                raise ConfigError(f"model size custom needs model.overrides.{missing[0]} "
+                                  f"(give all of {', '.join(SIZES['tiny'])})")
+        elif name not in SIZES:
+            raise ConfigError(f"model size {name!r} is unknown; use one of {', '.join(SIZES)}, "
+                              "or custom with the dimensions under model.overrides")
         if arch not in ARCH_DEFAULTS:
             raise ConfigError(f"model.arch={arch!r} is unknown; use one of {sorted(ARCH_DEFAULTS)}")
-        return cls(name=name, arch=arch, **{**SIZES[name], **ARCH_DEFAULTS[arch], **overrides})
+        return cls(name=name, arch=arch, **{**SIZES.get(name, {}), **ARCH_DEFAULTS[arch], **overrides})
 
     @property
     def causal(self) -> bool:

@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from flows.config import CONFIG_DIR, load_config
-from model.config import SIZES, ConfigError, ModelConfig
+from model.config import ARCH_DEFAULTS, SIZES, ConfigError, ModelConfig
 from model.objectives import get_objective
 
 SHIPPED = sorted(CONFIG_DIR.rglob("*.yaml"))
@@ -24,10 +24,20 @@ def test_every_shipped_config_loads(path: Path):
 
 
 @pytest.mark.parametrize("size", sorted(SIZES))
-def test_every_size_builds_for_both_families(size):
-    for arch in ("encoder", "decoder"):
+def test_every_size_builds_for_every_family(size):
+    for arch in ARCH_DEFAULTS:
         cfg = ModelConfig.from_name(size, arch=arch)
-        assert cfg.d_model % cfg.n_heads == 0
+        assert cfg.d_model % cfg.n_heads == 0 and cfg.arch == arch
+
+
+def test_a_user_defined_size_in_yaml(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump({"objectives": ["t5"], "model": {"size": "custom", "overrides": {
+        "n_layers": 3, "d_model": 96, "n_heads": 3, "d_ff": 384}}}))
+    cfg = load_config(path).model_config("encoder-decoder", 1000)
+    assert (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.d_ff, cfg.norm_kind) == (3, 96, 3, 384, "rms")
+    with pytest.raises(ConfigError, match="model size custom needs model.overrides.d_ff"):
+        load_config(path, ["model.overrides={n_layers: 3, d_model: 96, n_heads: 3}"])
 
 
 def test_overrides_apply_with_types():
@@ -46,6 +56,8 @@ def test_overrides_apply_with_types():
     ("train.objective=mlm", "train.objective is set by the pipeline"),
     ("train.max_steps=many", "expects int"),
     ("model.overrides={n_layerz: 3}", "model.overrides.n_layerz"),
+    ("model.overrides={position: rotary}", "model.position='rotary' is unknown"),
+    ("train.mask_prob=1.5", "train.mask_prob=1.5 must be between 0 and 1"),
     ("max_steps", "is not key=value"),
 ])
 def test_bad_config_is_one_clear_line(override, message):
