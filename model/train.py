@@ -117,7 +117,8 @@ def total_steps(cfg: TrainConfig, flops_per_step: float) -> int:
 def _check_resumable(saved: TrainConfig, cfg: TrainConfig, path: Path) -> None:
     """Resuming is exact only with the same model, objective and data shapes; refuse anything else."""
     for key in ("objective", "model", "data_dir", "seq_len", "batch_size", "grad_accum_steps", "seed", "lr",
-                "warmup_steps", "max_steps", "max_flops", "min_lr_ratio", "weight_decay", "mask_prob"):
+                "warmup_steps", "max_steps", "max_flops", "min_lr_ratio", "weight_decay", "mask_prob",
+                "whole_word", "static_masking", "static_copies", "noise_density", "mean_span", "generator_ratio"):
         if getattr(saved, key) != getattr(cfg, key):
             raise ConfigError(f"checkpoint {path} was made with {key}={getattr(saved, key)!r}, this run has "
                               f"{getattr(cfg, key)!r}; use another out_dir or set resume: false")

@@ -257,7 +257,7 @@ def configure_optimizer(model: nn.Module, lr: float, weight_decay: float, device
     decay = [p for n, p in params.items() if p.dim() >= 2]
     no_decay = [p for n, p in params.items() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6, fused=device_type == "cuda")
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6, fused=device_type in ("cuda", "cpu"))
 
 
 def cosine_schedule(warmup: int, total: int, min_ratio: float):

@@ -58,6 +58,8 @@ def write_tokenizer(out: Path, tokenizer_path: str | Path, specials: dict[str, i
     tok_cfg.update({TOKENIZER_KEYS[k]: by_id[v] for k, v in specials.items() if k in TOKENIZER_KEYS and v in by_id})
     if cfg.arch == "decoder" and "sep" in specials:
         tok_cfg["eos_token"] = tok_cfg["bos_token"] = by_id[specials["sep"]]
+    if cfg.arch == "encoder-decoder" and "sep" in specials:
+        tok_cfg["eos_token"] = by_id[specials["sep"]]
     if "sentinel" in specials and "sentinel_last" in specials:
         tok_cfg["additional_special_tokens"] = [by_id[i] for i in range(specials["sentinel"], specials["sentinel_last"] + 1)
                                                 if i in by_id]
