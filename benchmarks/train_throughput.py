@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -189,7 +188,9 @@ def probe(spec: str, args) -> None:
     model, step = fns[which]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     train_steps(model, step, rows, opt, 3, 0, device, autocast(device))
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # KiB on Linux
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across fork + exec.
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+    print(int(status["VmHWM"].split()[0]) / 1024)  # kB
 
 
 def main() -> None:

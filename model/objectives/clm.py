@@ -12,6 +12,7 @@ from torch import nn
 
 from model.config import ModelConfig, TrainConfig
 from model.data import chunk_rows, pack_stream
+from model.losses import lm_loss
 from model.transformer import Transformer
 
 ARCH = "decoder"
@@ -34,11 +35,8 @@ class CausalLM(nn.Module):
 
     def forward(self, rows: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
         inputs, targets = rows[:, :-1], rows[:, 1:]
-        logits = self.logits(inputs)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-        with torch.no_grad():
-            accuracy = (logits.argmax(-1) == targets).float().mean()
-        return loss, {"next_token_accuracy": accuracy, "n_predicted": targets.numel()}
+        loss, stats = lm_loss(self.backbone(inputs), self.backbone.tok_emb.weight, targets)
+        return loss, {**({"next_token_accuracy": stats["accuracy"]} if stats else {}), "n_predicted": targets.numel()}
 
     def flops_per_token(self, seq_len: int) -> float:
         return self.backbone.flops_per_token(seq_len) + 6 * self.cfg.d_model * self.cfg.vocab_size

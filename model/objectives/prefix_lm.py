@@ -20,6 +20,7 @@ from torch import nn
 from model.config import ModelConfig
 from model.objectives import clm
 from model.objectives.mlm import IGNORE
+from model.losses import lm_loss
 from model.transformer import Transformer
 
 ARCH = "decoder"
@@ -69,13 +70,9 @@ class PrefixLM(nn.Module):
         _, attn, scored = draw_prefix(b, t, generator, rows.device)
         # The head runs on every position (static shapes under torch.compile); the loss on scored ones.
         hidden = self.backbone(inputs, attn_mask=attn)
-        logits = F.linear(hidden, self.backbone.tok_emb.weight)
         labels = targets.masked_fill(~scored, IGNORE)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
-        with torch.no_grad():
-            n = scored.sum()
-            accuracy = ((logits.argmax(-1) == targets) & scored).sum() / n
-        return loss, {"next_token_accuracy": accuracy, "n_predicted": n}
+        loss, stats = lm_loss(hidden, self.backbone.tok_emb.weight, labels)
+        return loss, {**({"next_token_accuracy": stats["accuracy"]} if stats else {}), "n_predicted": scored.sum()}
 
     def flops_per_token(self, seq_len: int) -> float:
         # As clm: the tied output projection runs on every position.

@@ -28,10 +28,11 @@ from torch import nn
 
 from model.config import ConfigError, ModelConfig, TrainConfig
 from model.data import chunk_rows, pack_stream
+from model.losses import IGNORE, lm_loss
 from model.transformer import Attention, MLP, Transformer
 
 ARCH = "encoder-decoder"
-IGNORE = -100
+
 ROWS_PER_CHUNK = 1 << 14  # bounds the int64 / bool temporaries of the example maker
 
 
@@ -196,13 +197,11 @@ class SpanCorruptionLM(nn.Module):
         inputs, targets = split_row(rows, self.widths)
         pad = self.pad_id
         decoder_inputs = torch.cat([torch.full_like(targets[:, :1], pad), targets[:, :-1]], dim=1)
-        logits = self.logits(inputs, None, decoder_inputs)
+        hidden = self.decoder(decoder_inputs, memory=self.encoder(inputs))
         labels = targets.masked_fill(targets == pad, IGNORE)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
-        with torch.no_grad():
-            real = labels != IGNORE
-            accuracy = (logits.argmax(-1) == labels)[real].float().mean()
-        return loss, {"token_accuracy": accuracy, "n_predicted": targets.numel()}
+        # T5 v1.0 rescales the head's input by d_model ** -0.5 (see lm_head).
+        loss, stats = lm_loss(hidden * self.cfg.d_model ** -0.5, self.encoder.tok_emb.weight, labels)
+        return loss, {**({"token_accuracy": stats["accuracy"]} if stats else {}), "n_predicted": targets.numel()}
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per encoder input token (forward + backward).
