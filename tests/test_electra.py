@@ -20,13 +20,7 @@ electra = get_objective("electra")
 PRESET = PRESETS["electra"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models: a second thread only adds contention on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(vocab: int = 300, seq: int = 64, seed: int = 0, **train):

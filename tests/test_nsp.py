@@ -20,13 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 VOCAB = 1200
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models: thread hand-offs cost more than they save, and other processes share the cores.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _stream(lengths=(40, 25, 7, 60, 12, 33, 3, 90, 18, 51)):

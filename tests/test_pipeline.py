@@ -238,3 +238,41 @@ def test_serve_registers_the_scheduled_deployment_and_stops_its_server(tmp_path)
     time.sleep(1)
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2)
+
+
+OTHER_OBJECTIVES = ["mlm-static", "mlm-wwm", "nsp", "sop", "prefix-lm", "electra", "t5"]
+HF_AUTO = {"bert": "AutoModelForPreTraining", "electra": "AutoModelForPreTraining", "gpt2": "AutoModelForCausalLM",
+           "t5": "AutoModelForSeq2SeqLM"}
+
+
+def test_every_objective_runs_through_the_flow_and_exports(prefect_harness, workspace, tmp_path):
+    """Examples, training, MLflow logging and the Hugging Face export of every other objective."""
+    import torch
+    import transformers
+    from transformers import AutoTokenizer
+
+    from flows.pipeline import pretrain_pipeline
+    from tasks.workspace import Workspace
+
+    result = pretrain_pipeline(config_path=str(tiny_config(tmp_path)), overrides=[
+        f"objectives=[{','.join(OTHER_OBJECTIVES)}]", "train.max_steps=4", "train.eval_interval=4",
+        "train.static_copies=2", "downstream.task=none"])
+    assert set(result["runs"]) == set(OTHER_OBJECTIVES)
+    c = MlflowClient(tracking_uri=Workspace.from_env().mlflow_uri)
+    for name, run_id in result["runs"].items():
+        run = c.get_run(run_id)
+        assert run.info.status == "FINISHED" and run.data.params["objective"] == name
+        assert run.data.metrics["val/loss"] > 0 and run.data.metrics["train/flops"] > 0
+        assert c.list_artifacts(run_id, "examples")[0].path == "examples/sample.txt"
+    exported = {}
+    for run in (workspace / "runs").iterdir():
+        hf = run / "hf"
+        model_type = json.loads((hf / "config.json").read_text())["model_type"]
+        model = getattr(transformers, HF_AUTO[model_type]).from_pretrained(hf).eval()
+        ids = AutoTokenizer.from_pretrained(hf)(["Return the value of the named attribute."], return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            out = model(input_ids=ids, decoder_input_ids=ids[:, :1]) if model_type == "t5" else model(input_ids=ids)
+        logits = out.logits if hasattr(out, "logits") and out.logits is not None else out.prediction_logits
+        assert torch.isfinite(logits).all()
+        exported[model_type] = exported.get(model_type, 0) + 1
+    assert exported == {"bert": 4, "electra": 1, "gpt2": 1, "t5": 1}  # mlm-static, mlm-wwm, nsp, sop are BERTs

@@ -22,13 +22,7 @@ SENTINELS = {**SPECIALS, "sentinel": 5, "sentinel_last": 36}
 FIRST_WORD = 37  # ordinary tokens start after the sentinels
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models on a shared 2-core machine: extra threads only contend.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(seq_len: int = 32, vocab: int = 300, seed: int = 0, **overrides):

@@ -126,7 +126,7 @@ def test_downstream_documents_are_excluded_from_pretraining(builtin_db):
 def test_tokenizer_and_shards_round_trip(builtin_db, tmp_path):
     db, _, snap = builtin_db
     info = train_tokenizer(db, snap.snapshot_id, TokenizerConfig(vocab_size=2000), tmp_path / "tok.json")
-    assert info["specials"] == {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
+    assert info["specials"] == {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4, "sentinel": 5, "sentinel_last": 36}
     counts = write_token_shards(db, snap.snapshot_id, tmp_path / "tok.json", tmp_path / "shards")
     tokens, offsets = load_split(tmp_path / "shards", "validation")
     assert counts["validation"]["documents"] == snap.splits["validation"] == len(offsets) - 1
