@@ -185,14 +185,12 @@ def objectives() -> None:
     """The pretraining objectives, with their architecture and what each is."""
     from rich.table import Table
 
-    from model.objectives import OBJECTIVES, PRESETS, get_objective
+    from model.objectives import DESCRIPTIONS, OBJECTIVES, PRESETS, get_objective
 
-    table = Table("objective", "architecture", "settings", "what it is")
+    table = Table("objective", "architecture", "what it is", "preset settings")
     for name in OBJECTIVES:
-        module = get_objective(name)
-        doc = (module.__doc__ or "").strip().splitlines()[0]
         settings = ", ".join(f"{k}={v}" for k, v in PRESETS.get(name, {}).items())
-        table.add_row(name, module.ARCH, settings, doc)
+        table.add_row(name, get_objective(name).ARCH, DESCRIPTIONS[name], settings)
     Console().print(table)
 
 

@@ -172,6 +172,7 @@ def test_ui_serves_earlier_runs_on_loopback(cli_runs):
     (["run", "--config", "missing.yaml"], "config file 'missing.yaml' does not exist"),
     (["run", "-c", "demo.yaml", "--set", "corpus.path=/no/such/folder"], "corpus path '/no/such/folder' does not exist"),
     (["run", "-c", "demo.yaml", "--set", "objectives=[mlm,xlnet]"], "unknown objective 'xlnet'"),
+    (["run", "-c", "demo.yaml", "-o", "t5", "-o", "bert3"], "unknown objective 'bert3'"),
     (["run", "-c", "demo.yaml", "--set", "train.stepz=3"], "unknown config key 'train.stepz'"),
 ])
 def test_cli_bad_input_is_one_line(tmp_path, args, message):
@@ -179,6 +180,15 @@ def test_cli_bad_input_is_one_line(tmp_path, args, message):
     assert out.returncode == 2
     lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and message in lines[0], out.stderr
+
+
+def test_cli_lists_the_objectives():
+    out = run_cli("objectives", env={"COLUMNS": "200"}, timeout=120)
+    assert out.returncode == 0, out.stderr
+    from model.objectives import OBJECTIVES
+
+    listed = [line.split("│")[1].strip() for line in out.stdout.splitlines() if line.startswith("│")]
+    assert [name for name in listed if name] == list(OBJECTIVES)
 
 
 def test_cli_empty_corpus_is_one_line(tmp_path):

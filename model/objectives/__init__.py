@@ -22,15 +22,27 @@ from typing import Any
 from model.config import ConfigError
 
 OBJECTIVES = {
-    "mlm": "model.objectives.mlm",  # BERT masked LM, dynamic masking (RoBERTa)
-    "mlm-static": "model.objectives.mlm",  # masks fixed when examples are made, K copies (BERT)
-    "mlm-wwm": "model.objectives.mlm",  # whole-word masking
-    "nsp": "model.objectives.nsp",  # MLM + next sentence prediction (BERT)
-    "sop": "model.objectives.nsp",  # MLM + sentence order prediction (ALBERT)
-    "clm": "model.objectives.clm",  # GPT autoregressive LM
-    "prefix-lm": "model.objectives.prefix_lm",  # bidirectional prefix, autoregressive rest (UniLM / T5)
-    "electra": "model.objectives.electra",  # replaced token detection
-    "t5": "model.objectives.t5",  # span corruption, encoder-decoder
+    "mlm": "model.objectives.mlm",
+    "mlm-static": "model.objectives.mlm",
+    "mlm-wwm": "model.objectives.mlm",
+    "nsp": "model.objectives.nsp",
+    "sop": "model.objectives.nsp",
+    "clm": "model.objectives.clm",
+    "prefix-lm": "model.objectives.prefix_lm",
+    "electra": "model.objectives.electra",
+    "t5": "model.objectives.t5",
+}
+
+DESCRIPTIONS = {
+    "mlm": "masked LM, new masks every batch (RoBERTa's dynamic masking)",
+    "mlm-static": "masked LM, masks fixed when examples are made, K copies (BERT)",
+    "mlm-wwm": "masked LM selecting whole words",
+    "nsp": "masked LM + next sentence prediction (BERT)",
+    "sop": "masked LM + sentence order prediction (ALBERT)",
+    "clm": "autoregressive LM over packed documents (GPT)",
+    "prefix-lm": "bidirectional prefix, autoregressive rest (UniLM / T5 prefix LM)",
+    "electra": "replaced token detection with a small MLM generator (ELECTRA)",
+    "t5": "span corruption with sentinels, encoder-decoder (T5)",
 }
 
 PRESETS: dict[str, dict[str, Any]] = {
