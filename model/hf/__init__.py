@@ -25,6 +25,11 @@ class ExportError(ValueError):
     pass
 
 
+def weight_and_bias(name: str, module: nn.Module) -> dict[str, torch.Tensor]:
+    """`{name}.weight` and `{name}.bias` of a Linear or LayerNorm, under a Hugging Face name."""
+    return {f"{name}.weight": module.weight, f"{name}.bias": module.bias}
+
+
 def check_stock(cfg: ModelConfig, family: str, **expected) -> None:
     """Refuse a model that the stock class cannot express (e.g. a pre-LN BERT), naming the key."""
     for key, value in expected.items():

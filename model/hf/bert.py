@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from model.config import ModelConfig
-from model.hf import check_stock
+from model.hf import check_stock, weight_and_bias
 from model.transformer import Transformer
 
 
@@ -17,34 +17,26 @@ def encoder_state_dict(bb: Transformer, prefix: str) -> dict[str, torch.Tensor]:
         f"{prefix}embeddings.word_embeddings.weight": bb.tok_emb.weight,
         f"{prefix}embeddings.position_embeddings.weight": bb.pos_emb.weight,
         f"{prefix}embeddings.token_type_embeddings.weight": bb.seg_emb.weight,
-        f"{prefix}embeddings.LayerNorm.weight": bb.emb_norm.weight,
-        f"{prefix}embeddings.LayerNorm.bias": bb.emb_norm.bias,
+        **weight_and_bias(f"{prefix}embeddings.LayerNorm", bb.emb_norm),
     }
     for i, blk in enumerate(bb.blocks):
         p = f"{prefix}encoder.layer.{i}."
         for name, w, b in zip(("query", "key", "value"), blk.attn.qkv.weight.chunk(3), blk.attn.qkv.bias.chunk(3)):
             sd[f"{p}attention.self.{name}.weight"], sd[f"{p}attention.self.{name}.bias"] = w, b
         sd.update({
-            f"{p}attention.output.dense.weight": blk.attn.proj.weight,
-            f"{p}attention.output.dense.bias": blk.attn.proj.bias,
-            f"{p}attention.output.LayerNorm.weight": blk.ln_attn.weight,
-            f"{p}attention.output.LayerNorm.bias": blk.ln_attn.bias,
-            f"{p}intermediate.dense.weight": blk.mlp.fc.weight,
-            f"{p}intermediate.dense.bias": blk.mlp.fc.bias,
-            f"{p}output.dense.weight": blk.mlp.proj.weight,
-            f"{p}output.dense.bias": blk.mlp.proj.bias,
-            f"{p}output.LayerNorm.weight": blk.ln_mlp.weight,
-            f"{p}output.LayerNorm.bias": blk.ln_mlp.bias,
+            **weight_and_bias(f"{p}attention.output.dense", blk.attn.proj),
+            **weight_and_bias(f"{p}attention.output.LayerNorm", blk.ln_attn),
+            **weight_and_bias(f"{p}intermediate.dense", blk.mlp.fc),
+            **weight_and_bias(f"{p}output.dense", blk.mlp.proj),
+            **weight_and_bias(f"{p}output.LayerNorm", blk.ln_mlp),
         })
     return sd
 
 
 def mlm_head_state_dict(head: nn.Module) -> dict[str, torch.Tensor]:
     return {
-        "cls.predictions.transform.dense.weight": head.dense.weight,
-        "cls.predictions.transform.dense.bias": head.dense.bias,
-        "cls.predictions.transform.LayerNorm.weight": head.norm.weight,
-        "cls.predictions.transform.LayerNorm.bias": head.norm.bias,
+        **weight_and_bias("cls.predictions.transform.dense", head.dense),
+        **weight_and_bias("cls.predictions.transform.LayerNorm", head.norm),
         "cls.predictions.bias": head.bias,
     }
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from model.hf import weight_and_bias
 from model.hf.bert import encoder_state_dict, mlm_head_state_dict
 
 
@@ -15,9 +16,7 @@ def pretraining_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """`model` has `backbone`, `head` (MLMHead), `pooler` (d -> d, tanh) and `classifier` (d -> 2)."""
     return {
         **encoder_state_dict(model.backbone, "bert."),
-        "bert.pooler.dense.weight": model.pooler.weight,
-        "bert.pooler.dense.bias": model.pooler.bias,
+        **weight_and_bias("bert.pooler.dense", model.pooler),
         **mlm_head_state_dict(model.head),
-        "cls.seq_relationship.weight": model.classifier.weight,
-        "cls.seq_relationship.bias": model.classifier.bias,
+        **weight_and_bias("cls.seq_relationship", model.classifier),
     }

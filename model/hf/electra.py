@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from model.config import ModelConfig
-from model.hf import ExportError
+from model.hf import ExportError, weight_and_bias
 from model.hf.bert import encoder_state_dict
 from model.transformer import Transformer
 
@@ -20,18 +20,15 @@ def electra_encoder_state_dict(bb: Transformer) -> dict[str, torch.Tensor]:
         raise ExportError("an ELECTRA export needs model.n_segments >= 1, this model has 0")
     sd = encoder_state_dict(bb, "electra.")
     if bb.emb_proj is not None:
-        sd["electra.embeddings_project.weight"] = bb.emb_proj.weight
-        sd["electra.embeddings_project.bias"] = bb.emb_proj.bias
+        sd.update(weight_and_bias("electra.embeddings_project", bb.emb_proj))
     return sd
 
 
 def discriminator_state_dict(backbone: Transformer, head: nn.Module) -> dict[str, torch.Tensor]:
     return {
         **electra_encoder_state_dict(backbone),
-        "discriminator_predictions.dense.weight": head.dense.weight,
-        "discriminator_predictions.dense.bias": head.dense.bias,
-        "discriminator_predictions.dense_prediction.weight": head.dense_prediction.weight,
-        "discriminator_predictions.dense_prediction.bias": head.dense_prediction.bias,
+        **weight_and_bias("discriminator_predictions.dense", head.dense),
+        **weight_and_bias("discriminator_predictions.dense_prediction", head.dense_prediction),
     }
 
 
@@ -39,10 +36,8 @@ def generator_state_dict(backbone: Transformer, head: nn.Module) -> dict[str, to
     """`head` is an `MLMHead` (dense -> gelu -> LayerNorm -> tied decoder + bias)."""
     return {
         **electra_encoder_state_dict(backbone),
-        "generator_predictions.dense.weight": head.dense.weight,
-        "generator_predictions.dense.bias": head.dense.bias,
-        "generator_predictions.LayerNorm.weight": head.norm.weight,
-        "generator_predictions.LayerNorm.bias": head.norm.bias,
+        **weight_and_bias("generator_predictions.dense", head.dense),
+        **weight_and_bias("generator_predictions.LayerNorm", head.norm),
         "generator_lm_head.bias": head.bias,
     }
 

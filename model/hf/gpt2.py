@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from model.config import ModelConfig
-from model.hf import check_stock
+from model.hf import check_stock, weight_and_bias
 
 
 def causal_lm_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -15,17 +15,15 @@ def causal_lm_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     sd = {
         "transformer.wte.weight": bb.tok_emb.weight,
         "transformer.wpe.weight": bb.pos_emb.weight,
-        "transformer.ln_f.weight": bb.final_norm.weight,
-        "transformer.ln_f.bias": bb.final_norm.bias,
+        **weight_and_bias("transformer.ln_f", bb.final_norm),
     }
     for i, blk in enumerate(bb.blocks):
         p = f"transformer.h.{i}."
         # GPT-2 stores its projections as Conv1D, i.e. transposed nn.Linear weights.
         sd.update({
-            f"{p}ln_1.weight": blk.ln_attn.weight, f"{p}ln_1.bias": blk.ln_attn.bias,
+            **weight_and_bias(f"{p}ln_1", blk.ln_attn), **weight_and_bias(f"{p}ln_2", blk.ln_mlp),
             f"{p}attn.c_attn.weight": blk.attn.qkv.weight.t(), f"{p}attn.c_attn.bias": blk.attn.qkv.bias,
             f"{p}attn.c_proj.weight": blk.attn.proj.weight.t(), f"{p}attn.c_proj.bias": blk.attn.proj.bias,
-            f"{p}ln_2.weight": blk.ln_mlp.weight, f"{p}ln_2.bias": blk.ln_mlp.bias,
             f"{p}mlp.c_fc.weight": blk.mlp.fc.weight.t(), f"{p}mlp.c_fc.bias": blk.mlp.fc.bias,
             f"{p}mlp.c_proj.weight": blk.mlp.proj.weight.t(), f"{p}mlp.c_proj.bias": blk.mlp.proj.bias,
         })
