@@ -66,7 +66,8 @@ def evaluate(model, rows, cfg: TrainConfig, device: torch.device, amp) -> dict[s
     if total_n == 0:
         raise ValueError("the validation split has no examples; use a larger corpus or a shorter train.seq_len")
     out = {"val/loss": total_loss / total_n, **{f"val/{k}": v / total_n for k, v in stats_sum.items()}}
-    out["val/perplexity"] = math.exp(min(out["val/loss"], 50.0))
+    if getattr(model, "loss_is_token_cross_entropy", True):  # a perplexity of ELECTRA's L_gen + 50 L_disc means nothing
+        out["val/perplexity"] = math.exp(min(out["val/loss"], 50.0))
     return out
 
 

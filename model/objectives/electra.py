@@ -83,6 +83,8 @@ class Corruption(NamedTuple):
 
 
 class Electra(nn.Module):
+    loss_is_token_cross_entropy = False  # a sum of losses: no perplexity
+
     def __init__(self, cfg: ModelConfig, masking: MaskingConfig | None = None, special_ids: list[int] | None = None,
                  mask_id: int = 4, pad_id: int | None = None, generator_ratio: float = 0.25,
                  disc_weight: float = 50.0, word_starts: torch.Tensor | None = None):

@@ -126,6 +126,8 @@ class SentencePairLM(nn.Module):
     has the same parameters and exports as a whole BertForPreTraining.
     """
 
+    loss_is_token_cross_entropy = False  # a sum of losses: no perplexity
+
     def __init__(self, cfg: ModelConfig, masking: MaskingConfig | None = None, special_ids: list[int] | None = None,
                  specials: dict[str, int] | None = None, mlm_weight: float = 1.0):
         super().__init__()
