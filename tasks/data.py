@@ -6,9 +6,8 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
-from prefect import task
-
 import numpy as np
+from prefect import task
 
 from model.config import TrainConfig, load_dataclass
 from model.data import WORD_STARTS_FILE, save_rows, word_starts
@@ -97,7 +96,7 @@ def make_examples(train_config: dict, shard_dir: str, tokenizer_path: str, out_d
         rows = maker(tokens, offsets, cfg, cfg.specials, starts)
         save_rows(out / f"{split}.npy", rows)
         counts[split] = int(len(rows))
-    sample = decode_sample(tokenizer_path, rows[:1] if len(rows) else rows)
+    sample = decode_sample(tokenizer_path, rows)
     (out / "meta.json").write_text(json.dumps({"objective": cfg.objective, "seq_len": cfg.seq_len, "rows": counts,
                                                "row_width": int(rows.shape[1]), "sample": sample}))
     return {"rows": counts, "dir": out_dir, "row_width": int(rows.shape[1]), "sample": sample,
