@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from model.config import ModelConfig
 from model.objectives import clm
 from model.objectives.mlm import IGNORE
 from model.losses import lm_loss
-from model.transformer import Transformer
 
 ARCH = "decoder"
 make_examples = clm.make_examples
@@ -45,11 +43,8 @@ def draw_prefix(batch: int, t: int, generator: torch.Generator | None, device: t
     return p, prefix_attention(p, t), scored
 
 
-class PrefixLM(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.backbone = Transformer(cfg)
+class PrefixLM(clm.CausalLM):
+    """The autoregressive LM's model and FLOP count (the tied head runs on every position), with prefix attention."""
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                prefix_len: int | torch.Tensor | None = None) -> torch.Tensor:
@@ -74,10 +69,6 @@ class PrefixLM(nn.Module):
         loss, stats = lm_loss(hidden, self.backbone.tok_emb.weight, labels)
         return loss, {**({"next_token_accuracy": stats["accuracy"]} if stats else {}), "n_predicted": scored.sum()}
 
-    def flops_per_token(self, seq_len: int) -> float:
-        # As clm: the tied output projection runs on every position.
-        return self.backbone.flops_per_token(seq_len) + 6 * self.cfg.d_model * self.cfg.vocab_size
-
 
 def build(cfg: ModelConfig, train_cfg=None, specials: dict[str, int] | None = None) -> PrefixLM:
     return PrefixLM(cfg)
@@ -89,6 +80,4 @@ def hf_exports(model: PrefixLM, specials: dict[str, int]) -> dict[str, tuple[dic
     prefix longer than one token matters its outputs differ from ours (here the prefix positions
     see the whole prefix, and every later position reads those states); with p = 1 they agree.
     """
-    from model.hf.gpt2 import causal_lm_state_dict, gpt2_config
-
-    return {"": (causal_lm_state_dict(model), gpt2_config(model.cfg, specials))}
+    return clm.hf_exports(model, specials)
