@@ -138,3 +138,17 @@ def test_masking_statistics_match_transformers_collator():
         tolerance = 4 * (2 * p * (1 - p) / (n if key != "selected" else (~special).sum().item())) ** 0.5  # 4 sigma
         assert abs(ours[key] - theirs[key]) < tolerance, (key, ours, theirs)
         assert abs(ours[key] - p) < tolerance, (key, ours)
+
+
+def test_whole_word_table_is_read_only_when_masking_needs_it(tmp_path):
+    """A whole-word checkpoint loads for fine-tuning or export where its examples are gone; training says what is missing."""
+    cfg = TrainConfig(seq_len=32, whole_word=True, data_dir=str(tmp_path))
+    model = get_objective("mlm").build(ModelConfig.from_name("tiny", vocab_size=300, max_seq_len=64), cfg, SPECIALS)
+    rows = torch.randint(5, 300, (2, 32))
+    with pytest.raises(FileNotFoundError, match="whole-word masking needs .*word_starts.npy"):
+        model(rows, torch.Generator().manual_seed(0))
+    from model.data import WORD_STARTS_FILE
+
+    np.save(tmp_path / WORD_STARTS_FILE, np.arange(300) % 3 == 0)
+    _, labels, _ = model.corrupt(rows, torch.Generator().manual_seed(0))
+    assert (labels != IGNORE).any()

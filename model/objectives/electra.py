@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import ConfigError, ModelConfig, TrainConfig
-from model.objectives.mlm import IGNORE, MaskingConfig, MLMHead, load_word_starts, mask_tokens, packed_rows
+from model.objectives.mlm import (IGNORE, MaskingConfig, MLMHead, WordStarts, load_word_starts, mask_tokens,
+                                  packed_rows)
 from model.transformer import Transformer, activation_fn, init_weights
 
 ARCH = "encoder"
@@ -87,7 +88,7 @@ class Electra(nn.Module):
 
     def __init__(self, cfg: ModelConfig, masking: MaskingConfig | None = None, special_ids: list[int] | None = None,
                  mask_id: int = 4, pad_id: int | None = None, generator_ratio: float = 0.25,
-                 disc_weight: float = 50.0, word_starts: torch.Tensor | None = None):
+                 disc_weight: float = 50.0, word_starts: WordStarts | None = None):
         super().__init__()
         self.cfg = cfg
         self.backbone = Transformer(cfg)  # the discriminator
@@ -106,7 +107,7 @@ class Electra(nn.Module):
         self.mask_id = mask_id
         self.pad_id = cfg.pad_id if pad_id is None else pad_id
         self.disc_weight = disc_weight
-        self.word_starts = word_starts
+        self.word_starts = word_starts or WordStarts()
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Discriminator logits (B, T): > 0 means "replaced"."""
@@ -118,7 +119,7 @@ class Electra(nn.Module):
     def corrupt(self, rows: torch.Tensor, generator: torch.Generator | None = None) -> Corruption:
         attention = rows != self.pad_id
         gen_input, labels = mask_tokens(rows, self.special_ids, self.mask_id, self.cfg.vocab_size, self.masking,
-                                        generator, self.word_starts)
+                                        generator, self.word_starts())
         selected = labels != IGNORE
         gen_logits = self.gen_head(self.gen_backbone(gen_input, attention_mask=attention)[selected])
         disc_input = rows.clone()

@@ -143,7 +143,7 @@ class MLMHead(nn.Module):
 
 class MaskedLM(nn.Module):
     def __init__(self, cfg: ModelConfig, masking: MaskingConfig | None = None, special_ids: list[int] | None = None,
-                 mask_id: int = 4, static: bool = False, word_starts: torch.Tensor | None = None):
+                 mask_id: int = 4, static: bool = False, word_starts: WordStarts | None = None):
         super().__init__()
         self.cfg = cfg
         self.backbone = Transformer(cfg)
@@ -152,7 +152,7 @@ class MaskedLM(nn.Module):
         self.special_ids = special_ids or [cfg.pad_id]
         self.mask_id = mask_id
         self.static = static
-        self.word_starts = word_starts
+        self.word_starts = word_starts or WordStarts()
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.head(self.backbone(input_ids, attention_mask))
@@ -164,7 +164,7 @@ class MaskedLM(nn.Module):
             labels = labels.masked_fill(labels == self.cfg.pad_id, IGNORE)
             return ids, labels, ids != self.cfg.pad_id
         ids, labels = mask_tokens(rows, self.special_ids, self.mask_id, self.cfg.vocab_size, self.masking, generator,
-                                  self.word_starts)
+                                  self.word_starts())
         return ids, labels, rows != self.cfg.pad_id
 
     def masked_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -185,14 +185,27 @@ class MaskedLM(nn.Module):
         return self.backbone.flops_per_token(seq_len) + self.head.flops_per_token() * self.masking.mask_prob
 
 
-def load_word_starts(cfg: TrainConfig) -> torch.Tensor | None:
-    """The word-start table the examples stage wrote beside the rows (needed by dynamic whole-word masking)."""
-    if not cfg.whole_word or cfg.static_masking or not cfg.data_dir:
-        return None
-    path = Path(cfg.data_dir) / WORD_STARTS_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"whole-word masking needs {path}; re-run the examples stage")
-    return torch.from_numpy(np.load(path))
+class WordStarts:
+    """The word-start table the examples stage wrote beside the rows, read when masking first needs it.
+
+    Only dynamic whole-word masking in training needs it; a checkpoint loaded for fine-tuning or
+    export never masks, so it must load even where its examples are gone.
+    """
+
+    def __init__(self, path: Path | None = None):
+        self.path, self.table = path, None
+
+    def __call__(self) -> torch.Tensor | None:
+        if self.path is not None and self.table is None:
+            if not self.path.exists():
+                raise FileNotFoundError(f"whole-word masking needs {self.path}; re-run the examples stage")
+            self.table = torch.from_numpy(np.load(self.path))
+        return self.table
+
+
+def load_word_starts(cfg: TrainConfig) -> WordStarts:
+    needed = cfg.whole_word and not cfg.static_masking and cfg.data_dir
+    return WordStarts(Path(cfg.data_dir) / WORD_STARTS_FILE if needed else None)
 
 
 def build(cfg: ModelConfig, train_cfg: TrainConfig | None = None, specials: dict[str, int] | None = None) -> MaskedLM:
