@@ -1,4 +1,4 @@
-"""`pretrain`: the command line (Typer). demo, run, ui, serve."""
+"""`pretrain`: the command line (Typer). demo, run, compare, objectives, ui, serve."""
 from __future__ import annotations
 
 import logging
@@ -62,7 +62,7 @@ def _prepare() -> Workspace:
     return ws
 
 
-def _execute(config: str, overrides: list[str]) -> dict:
+def _execute(config: str, overrides: list[str], flow_name: str = "pretrain-pipeline") -> dict:
     ws = _prepare()
     from flows.config import load_config
     from tasks.data import source_fingerprint
@@ -78,7 +78,8 @@ def _execute(config: str, overrides: list[str]) -> dict:
     signal.signal(signal.SIGTERM, _on_sigterm)
     started = time.perf_counter()
     try:
-        state = pretrain_pipeline(config_path=str(config), overrides=list(overrides), return_state=True)
+        flow = pretrain_pipeline if flow_name == pretrain_pipeline.name else pretrain_pipeline.with_options(name=flow_name)
+        state = flow(config_path=str(config), overrides=list(overrides), return_state=True)
     except Terminated:
         _exit_after_failure("stopped by SIGTERM; finished stages and training checkpoints are kept, "
                             "re-run the same command to resume", 128 + signal.SIGTERM)
@@ -120,13 +121,16 @@ def _exit_after_failure(message: str, code: int) -> None:
 
 
 def _print_summary(result: dict, ws: Workspace, elapsed: float) -> None:
-    table = Table(title="comparison", show_lines=False)
-    for col in ("variant", "val loss", "test accuracy", "test macro-F1"):
-        table.add_column(col, justify="left" if col == "variant" else "right")
+    table = Table(title="comparison (test scores: mean over seeds)", show_lines=False)
+    methods = [k for k in (result["table"][0] if result["table"] else {}) if k not in ("variant", "val_loss", "error")]
+    table.add_column("variant")
+    table.add_column("val loss", justify="right")
+    for method in methods:
+        table.add_column(f"{method} accuracy", justify="right")
+        table.add_column(f"{method} macro-F1", justify="right")
     for row in result["table"]:
-        table.add_row(row["variant"], f"{row['val_loss']:.3f}" if row.get("val_loss") is not None else "-",
-                      f"{row['accuracy']:.3f}" if "accuracy" in row else "-",
-                      f"{row['macro_f1']:.3f}" if "macro_f1" in row else "-")
+        cells = [f"{row[m][k]:.3f}" if row[m][k] == row[m][k] else "-" for m in methods for k in ("accuracy", "macro_f1")]
+        table.add_row(row["variant"], f"{row['val_loss']:.3f}" if row.get("val_loss") is not None else "-", *cells)
     out = Console()
     out.print(table)
     ran = result["ran_stages"]
@@ -134,7 +138,7 @@ def _print_summary(result: dict, ws: Workspace, elapsed: float) -> None:
         out.print(f"[green]every stage served from cache[/green] ({len(result['cached_stages'])} stages) in {elapsed:.1f} s")
     else:
         out.print(f"finished in {elapsed:.1f} s; ran {len(ran)} stages, {len(result['cached_stages'])} from cache")
-    out.print(f"report:            {result['report']}")
+    out.print(f"report:            {result['report']} (shareable: {result['html']})")
     out.print(f"MLflow experiment: {result['experiment']} (id {result['experiment_id']}), parent run {result['parent_run_id']}")
     out.print("MLflow child runs: " + ", ".join(f"{k} {v}" for k, v in result["runs"].items()))
     out.print(f"Prefect flow run:  {result.get('flow_run_name', '')} ({result.get('flow_run_id', '')})")
@@ -178,6 +182,17 @@ def run(
 ) -> None:
     """The pipeline on your own config and corpus (e.g. --set corpus.path='texts/**/*.txt')."""
     _execute(config, _with_objectives(set_, objective))
+
+
+@app.command()
+def compare(
+    config: str = typer.Option(..., "--config", "-c", help="Study config (YAML), e.g. configs/studies/objectives.yaml."),
+    set_: list[str] = SetOption,
+    objective: list[str] = ObjectiveOption,
+) -> None:
+    """A comparison study: objectives x model sizes x fine-tuning methods x seeds at equal compute,
+    with confidence intervals, paired tests and a report (markdown, HTML, plots) in MLflow and Prefect."""
+    _execute(config, _with_objectives(set_, objective), flow_name="pretrain-study")
 
 
 @app.command()

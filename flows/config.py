@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 
 from model.config import ConfigError, ModelConfig, TrainConfig, load_dataclass
-from model.finetune import FinetuneConfig
+from model.finetune import METHODS, FinetuneConfig
 from model.objectives import OBJECTIVES
 from warehouse.sources import SourceSpec
 from warehouse.tokenizer import TokenizerConfig
@@ -46,14 +46,51 @@ class ModelSection:
 
 @dataclass
 class DownstreamConfig:
-    task: str = "stdlib-module"  # the built-in task; "none" to skip fine-tuning
-    source: str = "python-docs"  # the source whose labelled documents form the task
+    task: str = "stdlib-module"  # the task's name; the built-in one unless `path` is set; "none" skips fine-tuning
+    source: str = "python-docs"  # built-in task: the source whose labelled documents form it
     n_classes: int = 8
     min_chars: int = 80
+    # A user's task: a CSV / TSV / JSONL / JSON / Parquet file, a folder of per-split files, or a
+    # Hugging Face dataset saved with `save_to_disk`; columns named below.
+    path: str = ""
+    format: str = "auto"
+    text_column: str = "text"
+    text_pair_column: str = ""  # set for a text-pair task
+    label_column: str = "label"
+    split_column: str = ""  # a column holding train / validation / test; else files per split, else by hash
     val_frac: float = 0.15
     test_frac: float = 0.15
     seeds: list[int] = field(default_factory=lambda: [0])
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    # Named fine-tuning methods, each a set of `finetune` keys over the ones above; `method`
+    # defaults to the name, e.g. {full: {}, probe: {lr: 0.003, epochs: 20}, freeze-1: {method: freeze, freeze_layers: 1}}.
+    methods: dict[str, dict] = field(default_factory=dict)
+    contamination_n: int = 8  # word n-grams compared with the pretraining snapshot
+    contamination_threshold: float = 0.1  # warn when more of an evaluation split than this overlaps
+
+    def file_spec(self) -> dict:
+        return {"path": self.path, "format": self.format, "text_column": self.text_column,
+                "text_pair_column": self.text_pair_column, "label_column": self.label_column,
+                "split_column": self.split_column}
+
+    def method_configs(self) -> dict[str, FinetuneConfig]:
+        if not self.methods:
+            return {self.finetune.method: self.finetune}
+        base = asdict(self.finetune)
+        out = {}
+        for name, overrides in self.methods.items():
+            if not isinstance(overrides, dict):
+                raise ConfigError(f"downstream.methods.{name} must be a mapping of finetune keys, e.g. {{lr: 0.001}}")
+            out[name] = load_dataclass(FinetuneConfig, {**base, "method": name if name in METHODS else base["method"],
+                                                        **overrides}, f"downstream.methods.{name}.")
+        return out
+
+
+@dataclass
+class StudyConfig:
+    sizes: list[str] = field(default_factory=list)  # model sizes crossed with the objectives; empty = model.size
+    max_parallel: int = 1  # fine-tuning cells run at once; the CPU threads are shared out between them
+    alpha: float = 0.05  # significance level of the paired tests (Holm-corrected)
 
 
 @dataclass
@@ -65,6 +102,10 @@ class PipelineConfig:
     model: ModelSection = field(default_factory=ModelSection)
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields shared by every objective
     downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
+
+    def sizes(self) -> list[str]:
+        return self.study.sizes or [self.model.size]
 
     def validate(self) -> "PipelineConfig":
         for name in self.objectives:
@@ -77,17 +118,21 @@ class PipelineConfig:
             raise ConfigError(f"train.{sorted(reserved)[0]} is set by the pipeline; list objectives under `objectives:` "
                               "and the model under `model:`")
         load_dataclass(TrainConfig, self.train, "train.")  # unknown keys / bad types fail now, not mid-run
-        self.model_config("encoder", 100)
+        for size in self.sizes():
+            self.model_config("encoder", 100, size)
+        self.downstream.method_configs()
+        if self.study.max_parallel < 1 or not 0 < self.study.alpha < 1:
+            raise ConfigError("study.max_parallel must be >= 1 and study.alpha in (0, 1)")
         return self
 
-    def model_config(self, arch: str, vocab_size: int) -> ModelConfig:
+    def model_config(self, arch: str, vocab_size: int, size: str | None = None) -> ModelConfig:
         overrides = dict(self.model.overrides)
         unknown = set(overrides) - set(ModelConfig.__dataclass_fields__)
         if unknown:
             raise ConfigError(f"unknown config key 'model.overrides.{sorted(unknown)[0]}'; "
                               f"valid keys: {', '.join(sorted(ModelConfig.__dataclass_fields__))}")
         overrides.setdefault("max_seq_len", max(512, int(self.train.get("seq_len", 128)) + 1))
-        return ModelConfig.from_name(self.model.size, arch=arch, vocab_size=vocab_size, **overrides)
+        return ModelConfig.from_name(size or self.model.size, arch=arch, vocab_size=vocab_size, **overrides)
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

@@ -14,8 +14,10 @@ from model.data import WORD_STARTS_FILE, save_rows, word_starts
 from model.objectives import get_objective
 from tasks.caching import retry_on_io, stage_cache_key
 from warehouse import store
+from warehouse.contamination import snapshot_contamination
 from warehouse.shards import load_split, write_token_shards
 from warehouse.sources import SourceSpec, expand
+from warehouse.task_files import TaskFileSpec, load_task_file
 from warehouse.tokenizer import TokenizerConfig, train_tokenizer
 
 CACHED = dict(persist_result=True, result_serializer="json")
@@ -55,6 +57,34 @@ def define_downstream_task(db_path: str, task_name: str, source: str, n_classes:
                            val_frac: float, test_frac: float, ingest_key: str) -> dict:
     t = store.define_label_task(db_path, task_name, source, n_classes, min_chars, val_frac, test_frac)
     return {**asdict(t), "outputs": [db_path]}
+
+
+@task(name="downstream-task-file", cache_key_fn=stage_cache_key("warehouse"), retries=2, retry_delay_seconds=2,
+      retry_condition_fn=retry_on_io, **CACHED)
+def load_downstream_file(db_path: str, task_name: str, spec: dict, val_frac: float, test_frac: float,
+                         fingerprint: list, ingest_key: str) -> dict:
+    """A user's labelled file (or folder, or saved HF dataset) as a task; its texts leave the snapshot."""
+    t = load_task_file(db_path, task_name, TaskFileSpec(**spec), val_frac, test_frac)
+    return {**asdict(t), "outputs": [db_path]}
+
+
+def task_file_fingerprint(spec: dict) -> list:
+    """A task file's (or folder's files') paths, sizes and mtimes: a changed file re-loads the task."""
+    path = Path(spec["path"]).expanduser()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return [_stat(p) for p in files if p.exists()]
+
+
+@task(name="contamination", cache_key_fn=stage_cache_key("warehouse"), **CACHED)
+def check_contamination(db_path: str, snapshot_id: str, task_name: str, n: int, task_key: str) -> dict:
+    """Word n-gram overlap of the task's evaluation splits with the pretraining snapshot."""
+    examples = {}
+    for split in ("validation", "test"):
+        texts, pairs, _ = store.task_split(db_path, task_name, split)
+        # One example, one score: a pair is judged as its two texts together.
+        examples[split] = texts if pairs is None else [f"{t}\n{p}" for t, p in zip(texts, pairs)]
+    found = snapshot_contamination(db_path, snapshot_id, examples, n=n)
+    return {split: asdict(c) for split, c in found.items()}
 
 
 @task(name="snapshot", cache_key_fn=stage_cache_key("warehouse"), **CACHED)

@@ -21,10 +21,13 @@ def classification_metrics(labels, predictions) -> dict[str, float]:
     }
 
 
-@task(name="finetune", cache_key_fn=stage_cache_key("model", "warehouse"), persist_result=True, result_serializer="json")
+# `variant` is a label and `num_threads` a share of the machine: neither changes the result.
+@task(name="finetune", cache_key_fn=stage_cache_key("model", "warehouse", exclude=("variant", "num_threads")),
+      persist_result=True, result_serializer="json")
 def finetune_downstream(db_path: str, task_name: str, labels: list[str], tokenizer_path: str, specials: dict,
                         finetune_config: dict, seed: int, checkpoint: str | None = None,
-                        checkpoint_digest: str = "", random_model: dict | None = None, variant: str = "") -> dict:
+                        checkpoint_digest: str = "", random_model: dict | None = None, variant: str = "",
+                        num_threads: int = 0) -> dict:
     """Exactly one of `checkpoint` (a pretrained model) or `random_model` (a ModelConfig: the floor).
 
     `checkpoint_digest` (the checkpoint's checksum marker) keys the cache on the weights themselves,
@@ -37,12 +40,12 @@ def finetune_downstream(db_path: str, task_name: str, labels: list[str], tokeniz
     index = {label: i for i, label in enumerate(labels)}
     splits = {}
     for split in SPLITS:
-        texts, names = task_split(db_path, task_name, split)
+        texts, pairs, names = task_split(db_path, task_name, split)
         if not texts:
             raise ValueError(f"downstream task {task_name!r} has an empty {split} split; lower downstream.n_classes "
                              "or raise downstream.val_frac / test_frac")
-        splits[split] = (texts, [index[n] for n in names])
-    cfg = load_dataclass(FinetuneConfig, {**finetune_config, "seed": seed})
+        splits[split] = (texts, [index[n] for n in names], pairs)
+    cfg = load_dataclass(FinetuneConfig, {**finetune_config, "seed": seed, "num_threads": num_threads})
     out = finetune(backbone, Tokenizer.from_file(tokenizer_path), specials, splits, len(labels), cfg,
                    label=f"finetune {variant} seed {seed}")
     scores = {split: classification_metrics(out["labels"][split], out["predictions"][split])
@@ -50,4 +53,5 @@ def finetune_downstream(db_path: str, task_name: str, labels: list[str], tokeniz
     confusion = np.zeros((len(labels), len(labels)), dtype=int)
     for y, p in zip(out["labels"]["test"], out["predictions"]["test"]):
         confusion[y, p] += 1
-    return {"seed": seed, "scores": scores, "curve": out["curve"], "confusion": confusion.tolist(), "outputs": []}
+    return {"seed": seed, "method": cfg.method, "scores": scores, "curve": out["curve"], "info": out["info"],
+            "confusion": confusion.tolist(), "outputs": []}

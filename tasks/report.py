@@ -1,6 +1,12 @@
-"""The comparison report: a markdown table and plots, logged to MLflow and as a Prefect artefact."""
+"""The comparison report: markdown tables, PNG plots and a self-contained HTML page.
+
+Inputs are plain dicts: `variants` (one per pretrained model and the random-init floors: name,
+objective, size, run_id, summary, metrics_file, error) and `cells` (one per variant x fine-tuning
+method x seed: variant, method, seed, scores, curve, info, run_id, error).
+"""
 from __future__ import annotations
 
+import base64
 import math
 from pathlib import Path
 
@@ -9,38 +15,42 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from scipy import stats  # noqa: E402
 
+from tasks.statistics import intervals_overlap, mean_ci, pairwise, ranking  # noqa: E402
 from tasks.tracking import read_metric_rows  # noqa: E402
 
 MLFLOW_UI = "http://127.0.0.1:5000"
-
-
-def mean_ci(values: list[float]) -> tuple[float, float]:
-    """Mean and the half-width of its 95% t-interval (nan for a single seed)."""
-    a = np.asarray(values, dtype=float)
-    if len(a) < 2:
-        return float(a.mean()), float("nan")
-    return float(a.mean()), float(stats.t.ppf(0.975, len(a) - 1) * a.std(ddof=1) / math.sqrt(len(a)))
+METRICS = ("accuracy", "macro_f1", "mcc")
+COLORS = plt.get_cmap("tab10").colors
 
 
 def fmt(mean: float, half: float, digits: int = 3) -> str:
+    if math.isnan(mean):
+        return "-"
     return f"{mean:.{digits}f}" if math.isnan(half) else f"{mean:.{digits}f} ± {half:.{digits}f}"
 
 
-def downstream_summary(runs: list[dict], split: str = "test") -> dict[str, tuple[float, float]]:
-    keys = runs[0]["scores"][split].keys() if runs else []
-    return {k: mean_ci([r["scores"][split][k] for r in runs]) for k in keys}
+def ok_cells(cells: list[dict], variant: str, method: str) -> list[dict]:
+    return [c for c in cells if c["variant"] == variant and c["method"] == method and not c.get("error")]
+
+
+def cell_summary(cells: list[dict], variant: str, method: str, split: str = "test") -> dict[str, tuple[float, float]]:
+    runs = ok_cells(cells, variant, method)
+    return {k: mean_ci([r["scores"][split][k] for r in runs]) for k in METRICS}
+
+
+def seed_scores(cells: list[dict], variant: str, method: str, metric: str = "accuracy") -> dict[int, float]:
+    return {c["seed"]: c["scores"]["test"][metric] for c in ok_cells(cells, variant, method)}
 
 
 def run_link(exp_id: str, run_id: str) -> str:
-    return f"[{run_id[:8]}]({MLFLOW_UI}/#/experiments/{exp_id}/runs/{run_id})"
+    return f"[{run_id[:8]}]({MLFLOW_UI}/#/experiments/{exp_id}/runs/{run_id})" if run_id else "-"
 
 
 # The validation statistic that says most about each objective, in order of preference.
 OBJECTIVE_METRICS = (("val/masked_accuracy", "masked acc"), ("val/disc_accuracy", "replaced-token acc"),
                      ("val/token_accuracy", "target acc"), ("val/next_token_accuracy", "next-token acc"),
-                     ("val/sentence_accuracy", "sentence acc"))
+                     ("val/sentence_accuracy", "sentence acc"), ("val/perplexity", "perplexity"))
 
 
 def objective_metric(summary: dict) -> str:
@@ -48,104 +58,207 @@ def objective_metric(summary: dict) -> str:
     return ", ".join(parts) or "-"
 
 
-def build_markdown(variants: list[dict], context: dict) -> str:
-    task = context.get("task")
-    lines = [
-        f"# Pretraining comparison: {', '.join(v['name'] for v in variants if v.get('objective'))}",
-        "",
-        f"Snapshot `{context['snapshot_id']}` ({context['n_documents']:,} documents, "
-        f"{context['train_tokens']:,} training tokens), tokenizer {context['tokenizer']}, "
-        f"model size `{context['model_size']}`.",
-        "",
-    ]
-    header = "| variant | objective | params | tokens seen | pretrain FLOPs | val loss | val metric |"
-    sep = "|---|---|---:|---:|---:|---:|---:|"
-    if task:
-        header += " test accuracy | test macro-F1 | test MCC |"
-        sep += "---:|---:|---:|"
-    lines += [header + " MLflow run |", sep + "---|"]
+def _one_line(error: str) -> str:
+    return error.strip().splitlines()[-1].replace("|", "/")[:160] if error else ""
+
+
+def pretraining_table(variants: list[dict], exp_id: str) -> list[str]:
+    lines = ["| variant | objective | size | params | tokens seen | pretrain FLOPs | val loss | val metric | status | MLflow run |",
+             "|---|---|---|---:|---:|---:|---:|---|---|---|"]
     for v in variants:
-        s = v.get("summary", {})
-        metric = objective_metric(s)
-        row = (f"| {v['name']} | {v.get('objective') or '-'} | {s.get('n_params', v.get('n_params', 0)) / 1e6:.2f}M | "
-               f"{s.get('tokens_seen', 0):,} | {s.get('pretrain_flops', 0):.2e} | "
-               f"{s['val/loss']:.3f} | {metric} |" if s else
-               f"| {v['name']} | - | {v.get('n_params', 0) / 1e6:.2f}M | 0 | 0 | - | - |")
-        if task:
-            d = downstream_summary(v["downstream"])
-            row += f" {fmt(*d['accuracy'])} | {fmt(*d['macro_f1'])} | {fmt(*d['mcc'])} |"
-        lines.append(row + f" {run_link(context['experiment_id'], v['run_id'])} |")
-    lines.append("")
+        s = v.get("summary") or {}
+        status = f"failed: {_one_line(v['error'])}" if v.get("error") else "ok"
+        params = s.get("n_params", v.get("n_params", 0)) / 1e6
+        if s:
+            lines.append(f"| {v['name']} | {v['objective']} | {v['size']} | {params:.2f}M | {s.get('tokens_seen', 0):,} | "
+                         f"{s.get('pretrain_flops', 0):.2e} | {s['val/loss']:.3f} | {objective_metric(s)} | {status} | "
+                         f"{run_link(exp_id, v['run_id'])} |")
+        else:
+            lines.append(f"| {v['name']} | {v.get('objective') or '-'} | {v['size']} | {params:.2f}M | 0 | 0 | - | - | "
+                         f"{status} | {run_link(exp_id, v['run_id'])} |")
+    return lines
+
+
+def downstream_table(variants: list[dict], cells: list[dict], methods: list[str]) -> list[str]:
+    lines = ["| variant | method | seeds | test accuracy | test macro-F1 | test MCC | val accuracy | trained params | status |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for method in methods:
+        for v in variants:
+            mine = [c for c in cells if c["variant"] == v["name"] and c["method"] == method]
+            if not mine:
+                continue
+            ok = [c for c in mine if not c.get("error")]
+            failed = [c for c in mine if c.get("error")]
+            t, val = cell_summary(cells, v["name"], method), cell_summary(cells, v["name"], method, "validation")
+            trained = ok[0]["info"].get("trainable_params", 0) if ok else 0
+            status = "ok" if not failed else f"{len(failed)} failed: {_one_line(failed[0]['error'])}"
+            lines.append(f"| {v['name']} | {method} | {len(ok)}/{len(mine)} | {fmt(*t['accuracy'])} | {fmt(*t['macro_f1'])} | "
+                         f"{fmt(*t['mcc'])} | {fmt(*val['accuracy'])} | {trained:,} | {status} |")
+    return lines
+
+
+def comparisons(variants: list[dict], cells: list[dict], method: str, alpha: float) -> tuple[list[str], list[dict]]:
+    """The ranking by test accuracy for one method, with ties spelled out, and the pairwise tests."""
+    names = [v["name"] for v in variants if ok_cells(cells, v["name"], method)]
+    scores = {n: seed_scores(cells, n, method) for n in names}
+    tests = pairwise(scores, alpha)
+    means = {n: cell_summary(cells, n, method)["accuracy"] for n in names}
+    lines = [f"**{method}**: ranked by mean test accuracy; a variant is ahead of another only if the paired "
+             f"t-test over seeds is significant (Holm-corrected, alpha {alpha}) and the 95% intervals do not overlap.",
+             "", "| rank | variant | test accuracy | not separable from |", "|---:|---|---:|---|"]
+    for r in ranking(means, tests):
+        lines.append(f"| {r['rank']} | {r['variant']} | {fmt(r['mean'], r['ci95'])} | {', '.join(r['ties']) or '-'} |")
+    rows = [{"method": method, "a": t.a, "b": t.b, "diff_accuracy": t.diff, "p_value": t.p_value, "n_seeds": t.n,
+             "significant": t.significant, "intervals_overlap": intervals_overlap(means[t.a], means[t.b])} for t in tests]
+    floors = [n for n in names if any(v["name"] == n and not v.get("objective") for v in variants)]
+    verdicts = []
+    for row in rows:
+        if not ({row["a"], row["b"]} & set(floors)) or {row["a"], row["b"]} <= set(floors):
+            continue
+        sign = 1 if row["b"] in floors else -1
+        other, floor = (row["a"], row["b"]) if sign == 1 else (row["b"], row["a"])
+        delta = sign * row["diff_accuracy"]
+        if row["significant"] and not row["intervals_overlap"]:
+            verdict = "above" if delta > 0 else "below"
+            verdicts.append(f"- `{other}` is {verdict} `{floor}`: {delta:+.3f} test accuracy (p = {row['p_value']:.3g}).")
+        else:
+            why = ("untested: fewer than 2 paired seeds" if math.isnan(row["p_value"]) else
+                   f"p = {row['p_value']:.3g}" + (", intervals overlap" if row["intervals_overlap"] else ""))
+            verdicts.append(f"- `{other}` vs `{floor}`: {delta:+.3f} test accuracy, not a significant difference ({why}).")
+    return lines + [""] + verdicts, rows
+
+
+def contamination_lines(contamination: dict, threshold: float) -> list[str]:
+    if not contamination:
+        return []
+    lines = ["**Contamination** (word n-gram overlap of each evaluation split with the pretraining snapshot):", "",
+             "| split | examples | n | mean overlap | contaminated examples |", "|---|---:|---:|---:|---:|"]
+    warn = []
+    for split, c in contamination.items():
+        lines.append(f"| {split} | {c['n_examples']} | {c['n']} | {c['mean_overlap']:.3f} | "
+                     f"{c['contaminated']} ({c['contaminated_frac']:.1%}) |")
+        if c["contaminated_frac"] > threshold:
+            warn.append(split)
+    if warn:
+        lines += ["", f"WARNING: more than {threshold:.0%} of the {', '.join(warn)} examples overlap the pretraining "
+                      "data; their scores may measure memorisation."]
+    return lines + [""]
+
+
+def build_markdown(variants: list[dict], cells: list[dict], methods: list[str], context: dict) -> tuple[str, list[dict]]:
+    """The report and the full pairwise-test table (for a CSV artefact)."""
+    task, exp_id = context.get("task"), context["experiment_id"]
+    pretrained = [v["name"] for v in variants if v.get("objective")]
+    lines = [f"# Pretraining comparison: {', '.join(pretrained)}", "",
+             f"Snapshot `{context['snapshot_id']}` ({context['n_documents']:,} documents, "
+             f"{context['train_tokens']:,} training tokens), tokenizer {context['tokenizer']}, "
+             f"model sizes {', '.join(f'`{s}`' for s in context['sizes'])}.", "", "## Pretraining", ""]
+    lines += pretraining_table(variants, exp_id)
+    lines += ["", "Validation losses of different objectives measure different things (masked-token vs next-token "
+                  "prediction) and are not comparable across objectives; the downstream scores are.", ""]
+    all_rows: list[dict] = []
     if task:
-        n_seeds = len(variants[0]["downstream"])
-        lines += [
-            f"Downstream task `{task['name']}`: {len(task['labels'])} classes ({', '.join(task['labels'])}); "
-            f"{task['counts'].get('train', 0)} / {task['counts'].get('validation', 0)} / {task['counts'].get('test', 0)} "
-            "train / validation / test documents, none of them in the pretraining snapshot. "
-            + (f"Scores are the mean ± 95% t-interval over {n_seeds} fine-tuning seeds."
-               if n_seeds > 1 else "One fine-tuning seed: no interval, so small differences are not evidence."),
-            "",
-        ]
-        floor = next((v for v in variants if not v.get("objective")), None)
-        if floor:
-            f_acc = downstream_summary(floor["downstream"])["accuracy"]
-            for v in variants:
-                if v is floor:
-                    continue
-                acc = downstream_summary(v["downstream"])["accuracy"]
-                delta = acc[0] - f_acc[0]
-                overlap = not (math.isnan(acc[1]) or math.isnan(f_acc[1])) and abs(delta) <= acc[1] + f_acc[1]
-                verdict = "is above" if delta > 0 else "is not above"
-                note = " (the intervals overlap: not a significant difference)" if overlap else ""
-                lines.append(f"- `{v['name']}` {verdict} the random-init floor: {delta:+.3f} test accuracy{note}.")
-            lines.append("")
-    lines += [
-        "Validation losses of different objectives measure different things (masked-token vs next-token "
-        "prediction) and are not comparable across objectives; the downstream scores are.",
-        "",
-        f"Prefect flow run `{context.get('flow_run_name', '')}` ({context.get('flow_run_id', '')}); "
-        f"MLflow experiment `{context['experiment']}` ({context['experiment_id']}), parent run "
-        f"{run_link(context['experiment_id'], context['parent_run_id'])}.",
-    ]
-    return "\n".join(lines) + "\n"
+        seeds = sorted({c["seed"] for c in cells})
+        lines += ["## Downstream", "",
+                  f"Task `{task['name']}`: {len(task['labels'])} classes; {task['counts'].get('train', 0)} / "
+                  f"{task['counts'].get('validation', 0)} / {task['counts'].get('test', 0)} train / validation / test "
+                  "examples, none of them in the pretraining snapshot. "
+                  + (f"Scores are the mean ± 95% t-interval over {len(seeds)} fine-tuning seeds ({', '.join(map(str, seeds))})."
+                     if len(seeds) > 1 else "One fine-tuning seed: no interval, so small differences are not evidence."), ""]
+        lines += downstream_table(variants, cells, methods) + [""]
+        lines += contamination_lines(context.get("contamination") or {}, context.get("contamination_threshold", 0.1))
+        for method in methods:
+            block, rows = comparisons(variants, cells, method, context.get("alpha", 0.05))
+            lines += block + [""]
+            all_rows += rows
+    lines += [f"Prefect flow run `{context.get('flow_run_name', '')}` ({context.get('flow_run_id', '')}); "
+              f"MLflow experiment `{context['experiment']}` ({exp_id}), parent run {run_link(exp_id, context['parent_run_id'])}."]
+    return "\n".join(lines) + "\n", all_rows
 
 
 def plot_losses(variants: list[dict], path: Path) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for v in variants:
-        if not v.get("metrics_file"):
-            continue
+    for i, v in enumerate(v for v in variants if v.get("metrics_file") and not v.get("error")):
         rows = read_metric_rows(Path(v["metrics_file"]))
         flops_per_step = v["summary"]["pretrain_flops"] / max(r["step"] for r in rows)
         for ax, key in zip(axes, ("train/loss", "val/loss")):
-            pts = [(r["step"] * flops_per_step, r[key]) for r in rows if key in r]
-            ax.plot(*zip(*pts), marker="o" if key == "val/loss" else None, label=v["name"])
+            pts = [(r.get("train/flops", r["step"] * flops_per_step), r[key]) for r in rows if key in r]
+            if pts:
+                ax.plot(*zip(*pts), marker="o" if key == "val/loss" else None, label=v["name"], color=COLORS[i % 10])
     for ax, title in zip(axes, ("training loss", "validation loss")):
         ax.set_xlabel("training FLOPs")
         ax.set_xscale("log")
-        ax.set_ylabel("cross-entropy (nats)")
+        ax.set_ylabel("loss (nats)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
 
 
-def plot_downstream(variants: list[dict], task_name: str, path: Path) -> Path:
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    names = [v["name"] for v in variants]
+def plot_downstream(variants: list[dict], cells: list[dict], methods: list[str], task_name: str, path: Path) -> Path:
+    """Test accuracy and macro-F1 with their 95% intervals: one bar group per variant, one bar per method."""
+    names = [v["name"] for v in variants if any(ok_cells(cells, v["name"], m) for m in methods)]
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.1 * len(names) * max(1, len(methods)) + 3), 4.2))
+    width = 0.8 / max(1, len(methods))
+    x = np.arange(len(names))
     for ax, metric in zip(axes, ("accuracy", "macro_f1")):
-        means, halves = zip(*(downstream_summary(v["downstream"])[metric] for v in variants))
-        ax.bar(names, means, yerr=[0 if math.isnan(h) else h for h in halves], capsize=6,
-               color=["#4c72b0", "#dd8452", "#8c8c8c", "#55a868", "#c44e52"][: len(names)])
-        ax.set_title(f"{task_name}: test {metric}")
+        for j, method in enumerate(methods):
+            stats = [cell_summary(cells, n, method)[metric] for n in names]
+            means = [0 if math.isnan(m) else m for m, _ in stats]
+            halves = [0 if math.isnan(h) else h for _, h in stats]
+            ax.bar(x + (j - (len(methods) - 1) / 2) * width, means, width, yerr=halves, capsize=3,
+                   label=method, color=COLORS[j % 10])
+        ax.set_xticks(x, names, rotation=20, ha="right")
+        ax.set_title(f"{task_name}: test {metric} (mean, 95% CI)")
         ax.set_ylim(0, 1)
         ax.grid(axis="y", alpha=0.3)
-    for ax in axes:
-        ax.tick_params(axis="x", rotation=15)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return path
+
+
+def plot_finetune_curves(variants: list[dict], cells: list[dict], methods: list[str], path: Path) -> Path:
+    """Validation accuracy per fine-tuning epoch, mean over seeds, one panel per method."""
+    fig, axes = plt.subplots(1, len(methods), figsize=(5 * len(methods), 4), squeeze=False)
+    for ax, method in zip(axes[0], methods):
+        for i, v in enumerate(variants):
+            runs = ok_cells(cells, v["name"], method)
+            if not runs:
+                continue
+            n = min(len(r["curve"]) for r in runs)
+            acc = np.array([[p["val_accuracy"] for p in r["curve"][:n]] for r in runs])
+            epochs = np.arange(1, n + 1)
+            ax.plot(epochs, acc.mean(0), marker="o", label=v["name"], color=COLORS[i % 10])
+            if len(runs) > 1:
+                ax.fill_between(epochs, acc.min(0), acc.max(0), alpha=0.12, color=COLORS[i % 10])
+        ax.set_title(f"{method}: validation accuracy (mean, seed range)")
+        ax.set_xlabel("epoch")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_html(markdown_text: str, images: list[Path], path: Path, title: str) -> Path:
+    """One file to share: the report rendered, the plots embedded as data URIs."""
+    import markdown
+
+    body = markdown.markdown(markdown_text, extensions=["tables"])
+    figures = "".join(
+        f'<figure><img alt="{p.stem}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
+        f"<figcaption>{p.stem.replace('_', ' ')}</figcaption></figure>" for p in images)
+    css = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
+           "table{border-collapse:collapse;margin:1em 0;font-size:.9em}th,td{border:1px solid #ccc;padding:.3em .6em}"
+           "th{background:#f3f3f3}td{text-align:right}td:first-child,td:nth-child(2){text-align:left}"
+           "img{max-width:100%}figure{margin:1.5em 0}figcaption{color:#666;font-size:.85em}")
+    path.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>{css}</style>"
+                    f"</head><body>{body}{figures}</body></html>")
     return path

@@ -55,7 +55,13 @@ def test_flow_logs_runs_metrics_artefacts_and_prefect_report(prefect_harness, wo
         assert {"objective", "model_size", "snapshot_id", "seed"} <= set(r.data.params)
         assert r.data.params["snapshot_id"] == result["snapshot_id"]
         m = r.data.metrics
-        assert 0 <= m["downstream/stdlib-module/accuracy"] <= 1 and 0 <= m["downstream/stdlib-module/macro_f1"] <= 1
+        assert 0 <= m["downstream/stdlib-module/full/accuracy"] <= 1 and 0 <= m["downstream/stdlib-module/full/macro_f1"] <= 1
+        (cell,) = [x for x in runs if x.data.tags.get("mlflow.parentRunId") == r.info.run_id]  # one method, one seed
+        assert cell.info.run_name == f"{r.info.run_name}/full/s0" and cell.info.status == "FINISHED"
+        assert {k: cell.data.params[k] for k in ("method", "seed", "variant")} == {
+            "method": "full", "seed": "0", "variant": r.info.run_name}
+        assert cell.data.metrics["test/accuracy"] == m["downstream/stdlib-module/full/accuracy"]
+        assert [h.step for h in c.get_metric_history(cell.info.run_id, "finetune/val_accuracy")] == [1]
         if r.info.run_name == "random-init":
             continue
         assert m["val/loss"] > 0 and m["throughput/tokens_per_s"] > 0
@@ -66,7 +72,10 @@ def test_flow_logs_runs_metrics_artefacts_and_prefect_report(prefect_harness, wo
         assert {a.path for a in c.list_artifacts(r.info.run_id, "hf_model")} >= {
             "hf_model/config.json", "hf_model/model.safetensors", "hf_model/tokenizer.json"}
     parent_artefacts = {a.path for a in c.list_artifacts(parent.info.run_id)}
-    assert {"report.md", "loss_curves.png", "downstream.png", "tokenizer.json", "pipeline_config.json"} <= parent_artefacts
+    assert {"report.md", "report.html", "loss_curves.png", "downstream.png", "finetune_curves.png", "pairwise_tests.csv",
+            "tokenizer.json", "pipeline_config.json"} <= parent_artefacts
+    html = Path(result["html"]).read_text()
+    assert "<table>" in html and html.count("data:image/png;base64,") == 3 and "random-init" in html
 
     report = Path(result["report"]).read_text()
     assert "random-init" in report and "| mlm |" in report and "| clm |" in report

@@ -119,7 +119,7 @@ def test_downstream_documents_are_excluded_from_pretraining(builtin_db):
     pretrain_texts = {t for split in ("train", "validation", "test")
                       for batch in store.iter_texts(db, snap.snapshot_id, split) for t in batch}
     for split in ("train", "validation", "test"):
-        texts, _ = store.task_split(db, "stdlib-module", split)
+        texts, _, _ = store.task_split(db, "stdlib-module", split)
         assert not pretrain_texts.intersection(texts)
 
 

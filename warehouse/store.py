@@ -35,7 +35,11 @@ CREATE TABLE IF NOT EXISTS snapshots (
     n_chars BIGINT, spec VARCHAR);
 CREATE TABLE IF NOT EXISTS snapshot_documents (snapshot_id VARCHAR, doc_id VARCHAR, split VARCHAR);
 CREATE TABLE IF NOT EXISTS task_examples (
-    task VARCHAR, doc_id VARCHAR, label VARCHAR, split VARCHAR, PRIMARY KEY (task, doc_id));
+    task VARCHAR, doc_id VARCHAR, label VARCHAR, split VARCHAR, text_pair VARCHAR, PRIMARY KEY (task, doc_id));
+"""
+# Migrations for a warehouse created by an older SCHEMA (each is a no-op on a current one).
+MIGRATIONS = """
+ALTER TABLE task_examples ADD COLUMN IF NOT EXISTS text_pair VARCHAR;
 """
 SPLITS = ("train", "validation", "test")
 
@@ -62,6 +66,7 @@ def connect(db_path: str | Path, read_only: bool = False) -> Iterator[duckdb.Duc
     try:
         if not read_only:
             con.execute(SCHEMA)
+            con.execute(MIGRATIONS)
         yield con
     finally:
         con.close()
@@ -152,6 +157,9 @@ class LabelTask:
     name: str
     labels: list[str]
     counts: dict[str, dict[str, int]]  # split -> n examples
+    pair: bool = False  # a text-pair task: task_split returns the second texts too
+    n_duplicates: int = 0  # input rows dropped as repeats of an earlier example (same id)
+    n_rejected: int = 0  # input rows left out for an empty or missing text, pair, label or split
 
 
 def define_label_task(db_path: str | Path, task: str, source: str, n_classes: int, min_chars: int,
@@ -177,7 +185,7 @@ def define_label_task(db_path: str | Path, task: str, source: str, n_classes: in
              "split": [assign_split(d, task, val_frac, test_frac) for d, _ in chosen]})
         con.begin()
         con.execute("DELETE FROM task_examples WHERE task = ?", [task])
-        con.execute("INSERT INTO task_examples SELECT * FROM examples")
+        con.execute("INSERT INTO task_examples (task, doc_id, label, split) SELECT task, doc_id, label, split FROM examples")
         con.commit()
         counts = con.execute("SELECT split, count(*) FROM task_examples WHERE task = ? GROUP BY split", [task]).fetchall()
     return LabelTask(task, labels, {"total": len(chosen), **{s: n for s, n in counts}})
@@ -196,12 +204,19 @@ def create_snapshot(db_path: str | Path, name: str, sources: list[str], val_frac
     """The immutable pretraining document set of `sources`, minus every downstream-task document.
 
     Its id hashes the member documents and the split rule, so the same data gives the same id.
+    The doc_id of a text-pair example hashes both its texts (see warehouse.task_files), so a corpus
+    document equal to either text is excluded by that text's own content hash.
     """
     with connect(db_path) as con:
         placeholders = ", ".join("?" for _ in sources)
         ids = [r[0] for r in con.execute(
             f"""SELECT DISTINCT doc_id FROM provenance WHERE source IN ({placeholders})
-                AND doc_id NOT IN (SELECT doc_id FROM task_examples) ORDER BY doc_id""", sources).fetchall()]
+                AND doc_id NOT IN (SELECT doc_id FROM task_examples)
+                AND doc_id NOT IN (
+                    SELECT sha256(d.text) FROM task_examples t JOIN documents d USING (doc_id)
+                    WHERE t.text_pair IS NOT NULL
+                    UNION ALL SELECT sha256(text_pair) FROM task_examples WHERE text_pair IS NOT NULL)
+                ORDER BY doc_id""", sources).fetchall()]
     del con
     if not ids:
         raise WarehouseError(f"no pretraining documents in sources {sources}; ingest them first")
@@ -244,9 +259,20 @@ def iter_texts(db_path: str | Path, snapshot_id: str, split: str, batch: int = 2
             yield [r[0] for r in rows]
 
 
-def task_split(db_path: str | Path, task: str, split: str) -> tuple[list[str], list[str]]:
+def _text_pair_sql(con: duckdb.DuckDBPyConnection) -> str:
+    """`t.text_pair`, or a NULL for a warehouse older than that column opened read-only (not migrated)."""
+    has = con.execute("""SELECT count(*) FROM duckdb_columns()
+                         WHERE table_name = 'task_examples' AND column_name = 'text_pair'""").fetchone()[0]
+    return "t.text_pair" if has else "NULL::VARCHAR"
+
+
+def task_split(db_path: str | Path, task: str, split: str) -> tuple[list[str], list[str] | None, list[str]]:
+    """(texts, text_pairs, labels) of one split in doc_id order; text_pairs is None for a single-text task."""
     with connect(db_path, read_only=True) as con:
+        pair = _text_pair_sql(con)
+        is_pair = con.execute(f"SELECT coalesce(bool_or({pair} IS NOT NULL), false) FROM task_examples t "
+                              "WHERE t.task = ?", [task]).fetchone()[0]
         rows = con.execute(
-            """SELECT d.text, t.label FROM task_examples t JOIN documents d USING (doc_id)
-               WHERE t.task = ? AND t.split = ? ORDER BY t.doc_id""", [task, split]).fetchall()
-    return [r[0] for r in rows], [r[1] for r in rows]
+            f"""SELECT d.text, {pair}, t.label FROM task_examples t JOIN documents d USING (doc_id)
+                WHERE t.task = ? AND t.split = ? ORDER BY t.doc_id""", [task, split]).fetchall()
+    return [r[0] for r in rows], ([r[1] for r in rows] if is_pair else None), [r[2] for r in rows]
