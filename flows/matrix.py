@@ -9,8 +9,11 @@ MLflow's "compare runs" view lines them up.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict
+from collections import defaultdict
+from dataclasses import asdict, replace
 from pathlib import Path
+
+import numpy as np
 
 from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -44,11 +47,15 @@ def run_cells(variants: list[dict], methods: dict, seeds: list[int], common: dic
                                          "error": f"pretraining failed: {v['error']}"}, None))
                 continue
             for name, ft in methods.items():
-                for seed in seeds:
-                    params = {**common, **cell_inputs(v, v.get("model_config")), "finetune_config": asdict(ft),
-                              "seed": seed, "variant": f"{v['name']}/{name}", "num_threads": threads}
-                    future = runner.submit(finetune_downstream, parameters=params)
-                    pending.append(({"variant": v["name"], "method": name, "seed": seed}, future))
+                for lr in ft.lr_grid or [ft.lr]:
+                    label = f"{v['name']}/{name}" + (f"/lr{lr:g}" if ft.lr_grid else "")
+                    for seed in seeds:
+                        params = {**common, **cell_inputs(v, v.get("model_config")),
+                                  "finetune_config": asdict(replace(ft, lr=lr, lr_grid=[])),
+                                  "seed": seed, "variant": label, "num_threads": threads}
+                        future = runner.submit(finetune_downstream, parameters=params)
+                        pending.append(({"variant": v["name"], "method": name, "seed": seed, "lr": lr,
+                                         "grid": len(ft.lr_grid)}, future))
         cells = []
         for cell, future in pending:
             cached = False
@@ -63,16 +70,34 @@ def run_cells(variants: list[dict], methods: dict, seeds: list[int], common: dic
                     cell["error"] = f"{type(err).__name__}: {err}" if isinstance(err, BaseException) else str(state.message)
             on_done(cell, cached)
             cells.append(cell)
+    select_learning_rates(cells)
     return cells
+
+
+def select_learning_rates(cells: list[dict]) -> None:
+    """Per (variant, method), mark the cells of the learning rate with the best mean validation
+    accuracy over seeds as `selected`; the report's test scores use those only."""
+    groups: dict[tuple, dict[float, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for cell in cells:
+        groups[(cell["variant"], cell["method"])][cell.get("lr", 0.0)].append(cell)
+    for by_lr in groups.values():
+        def val_accuracy(lr: float) -> float:
+            ok = [c["scores"]["validation"]["accuracy"] for c in by_lr[lr] if not c.get("error")]
+            return float(np.mean(ok)) if ok else -1.0
+        best = max(sorted(by_lr), key=val_accuracy)  # ties go to the smallest rate
+        for lr, group in by_lr.items():
+            for cell in group:
+                cell["selected"] = lr == best
 
 
 def log_cell(c, exp_id: str, v: dict, cell: dict, task_name: str, tags: dict) -> None:
     """One MLflow run per cell, nested under its variant's run."""
-    run_id = start_run(c, exp_id, f"{v['name']}/{cell['method']}/s{cell['seed']}", parent=v["run_id"], tags=tags)
+    lr = f"/lr{cell['lr']:g}" if cell.get("grid") else ""
+    run_id = start_run(c, exp_id, f"{v['name']}/{cell['method']}{lr}/s{cell['seed']}", parent=v["run_id"], tags=tags)
     cell["run_id"] = run_id
     log_params(c, run_id, {"objective": v.get("objective") or "none", "model_size": v["size"], "variant": v["name"],
-                           "method": cell["method"], "seed": cell["seed"], "task": task_name,
-                           "snapshot_id": tags.get("snapshot_id", "")})
+                           "method": cell["method"], "seed": cell["seed"], "finetune_lr": cell.get("lr"),
+                           "task": task_name, "snapshot_id": tags.get("snapshot_id", "")})
     if cell.get("error"):
         c.set_tag(run_id, "error", cell["error"][:5000])
         c.set_terminated(run_id, "FAILED")
@@ -89,8 +114,14 @@ def log_cell(c, exp_id: str, v: dict, cell: dict, task_name: str, tags: dict) ->
 
 def log_variant_summary(c, v: dict, cells: list[dict], methods: list[str], task_name: str) -> None:
     """Mean and 95% interval over seeds on the variant's run: downstream/<task>/<method>/<metric>[_ci95]."""
+    for cell in cells:  # tagged once every cell is done: selection needs all the rates
+        if cell["variant"] == v["name"] and cell.get("grid") and cell.get("run_id"):
+            c.set_tag(cell["run_id"], "lr_selected", str(cell.get("selected", False)).lower())
     values = {}
     for method in methods:
+        chosen = reporting.chosen_lr(cells, v["name"], method)
+        if chosen is not None:
+            values[f"downstream/{task_name}/{method}/lr"] = chosen
         for metric, (mean, half) in reporting.cell_summary(cells, v["name"], method).items():
             if mean == mean:
                 values[f"downstream/{task_name}/{method}/{metric}"] = mean

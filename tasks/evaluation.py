@@ -22,7 +22,8 @@ def classification_metrics(labels, predictions) -> dict[str, float]:
 
 
 # `variant` is a label and `num_threads` a share of the machine: neither changes the result.
-@task(name="finetune", cache_key_fn=stage_cache_key("model", "warehouse", exclude=("variant", "num_threads")),
+@task(name="finetune", task_run_name="finetune-{variant}-s{seed}",
+      cache_key_fn=stage_cache_key("model", "warehouse", exclude=("variant", "num_threads")),
       persist_result=True, result_serializer="json")
 def finetune_downstream(db_path: str, task_name: str, labels: list[str], tokenizer_path: str, specials: dict,
                         finetune_config: dict, seed: int, checkpoint: str | None = None,

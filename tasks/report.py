@@ -31,7 +31,13 @@ def fmt(mean: float, half: float, digits: int = 3) -> str:
 
 
 def ok_cells(cells: list[dict], variant: str, method: str) -> list[dict]:
-    return [c for c in cells if c["variant"] == variant and c["method"] == method and not c.get("error")]
+    """The finished cells of (variant, method) at the selected learning rate."""
+    return [c for c in cells if c["variant"] == variant and c["method"] == method and not c.get("error")
+            and c.get("selected", True)]
+
+
+def chosen_lr(cells: list[dict], variant: str, method: str) -> float | None:
+    return next((c["lr"] for c in ok_cells(cells, variant, method) if "lr" in c), None)
 
 
 def cell_summary(cells: list[dict], variant: str, method: str, split: str = "test") -> dict[str, tuple[float, float]]:
@@ -80,11 +86,14 @@ def pretraining_table(variants: list[dict], exp_id: str) -> list[str]:
 
 
 def downstream_table(variants: list[dict], cells: list[dict], methods: list[str]) -> list[str]:
-    lines = ["| variant | method | seeds | test accuracy | test macro-F1 | test MCC | val accuracy | trained params | status |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    lines = ["| variant | method | lr | seeds | test accuracy | test macro-F1 | test MCC | val accuracy | trained params | status |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for method in methods:
         for v in variants:
-            mine = [c for c in cells if c["variant"] == v["name"] and c["method"] == method]
+            lr = chosen_lr(cells, v["name"], method)
+            tried = sorted({c.get("lr") for c in cells if c["variant"] == v["name"] and c["method"] == method})
+            lr_text = "-" if lr is None else f"{lr:g}" + (f" (best of {len(tried)})" if len(tried) > 1 else "")
+            mine = [c for c in cells if c["variant"] == v["name"] and c["method"] == method and c.get("selected", True)]
             if not mine:
                 continue
             ok = [c for c in mine if not c.get("error")]
@@ -92,7 +101,7 @@ def downstream_table(variants: list[dict], cells: list[dict], methods: list[str]
             t, val = cell_summary(cells, v["name"], method), cell_summary(cells, v["name"], method, "validation")
             trained = ok[0]["info"].get("trainable_params", 0) if ok else 0
             status = "ok" if not failed else f"{len(failed)} failed: {_one_line(failed[0]['error'])}"
-            lines.append(f"| {v['name']} | {method} | {len(ok)}/{len(mine)} | {fmt(*t['accuracy'])} | {fmt(*t['macro_f1'])} | "
+            lines.append(f"| {v['name']} | {method} | {lr_text} | {len(ok)}/{len(mine)} | {fmt(*t['accuracy'])} | {fmt(*t['macro_f1'])} | "
                          f"{fmt(*t['mcc'])} | {fmt(*val['accuracy'])} | {trained:,} | {status} |")
     return lines
 
@@ -176,6 +185,13 @@ def build_markdown(variants: list[dict], cells: list[dict], methods: list[str], 
     return "\n".join(lines) + "\n", all_rows
 
 
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_losses(variants: list[dict], path: Path) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for i, v in enumerate(v for v in variants if v.get("metrics_file") and not v.get("error")):
@@ -192,10 +208,7 @@ def plot_losses(variants: list[dict], path: Path) -> Path:
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_downstream(variants: list[dict], cells: list[dict], methods: list[str], task_name: str, path: Path) -> Path:
@@ -216,10 +229,7 @@ def plot_downstream(variants: list[dict], cells: list[dict], methods: list[str],
         ax.set_ylim(0, 1)
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_finetune_curves(variants: list[dict], cells: list[dict], methods: list[str], path: Path) -> Path:
@@ -241,10 +251,7 @@ def plot_finetune_curves(variants: list[dict], cells: list[dict], methods: list[
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def write_html(markdown_text: str, images: list[Path], path: Path, title: str) -> Path:

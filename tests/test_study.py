@@ -43,9 +43,9 @@ def test_compare_reports_failed_parts_and_finishes_the_rest(tmp_path):
     (report_dir,) = (home / "reports").iterdir()
     report = (report_dir / "report.md").read_text()
     assert "| t5 | t5 | tiny |" in report and "failed: span corruption needs" in report
-    assert "| clm | full | 2/2 |" in report and "| random-init | full | 2/2 |" in report
-    assert "| clm | freeze-9 | 0/2 |" in report and "freeze_layers=9 but the model has 2 layers" in report
-    assert "| t5 | full | 0/2 |" in report
+    assert "| clm | full | 0.0003 | 2/2 |" in report and "| random-init | full | 0.0003 | 2/2 |" in report
+    assert "| clm | freeze-9 | - | 0/2 |" in report and "freeze_layers=9 but the model has 2 layers" in report
+    assert "| t5 | full | - | 0/2 |" in report
     assert (report_dir / "report.html").exists() and (report_dir / "downstream.png").stat().st_size > 0
 
     runs = runs_by_name(home, "study-test")
@@ -94,16 +94,26 @@ def test_study_on_a_user_pair_task_runs_methods_in_parallel_and_checks_contamina
                           downstream={"task": "same-subject", "path": str(task), "text_column": "sentence",
                                       "text_pair_column": "other", "label_column": "same", "split_column": "part",
                                       "seeds": [0, 1], "contamination_n": 5, "finetune": {"epochs": 2, "max_len": 64},
-                                      "methods": {"probe": {"lr": 0.01, "epochs": 5}, "lora": {"lr": 0.003}}},
+                                      "methods": {"probe": {"lr_grid": [0.001, 0.03], "epochs": 5}, "lora": {"lr": 0.003}}},
                           study={"max_parallel": 2})
     result = pretrain_pipeline(config_path=str(config))
     runs = runs_by_name(workspace, "study-test")
-    cells = [n for n in runs if n.count("/") == 2]
-    assert sorted(cells) == sorted(f"{v}/{m}/s{s}" for v in ("mlm", "random-init") for m in ("probe", "lora") for s in (0, 1))
+    cells = [n for n in runs if n.count("/") >= 2]
+    assert sorted(cells) == sorted([f"{v}/lora/s{s}" for v in ("mlm", "random-init") for s in (0, 1)]
+                                   + [f"{v}/probe/lr{lr}/s{s}" for v in ("mlm", "random-init") for lr in ("0.001", "0.03")
+                                      for s in (0, 1)])
     assert all(runs[n].info.status == "FINISHED" for n in cells)
-    assert runs["mlm/lora/s0"].data.params["trainable_params"] != runs["mlm/probe/s0"].data.params["trainable_params"]
+    assert runs["mlm/lora/s0"].data.params["trainable_params"] != runs["mlm/probe/lr0.03/s0"].data.params["trainable_params"]
     mlm = runs["mlm"].data.metrics
     assert {"downstream/same-subject/probe/accuracy", "downstream/same-subject/lora/mcc"} <= set(mlm)
+    # the probe's learning rate is the one with the best mean validation accuracy, and only its cells count
+    val = {lr: sum(runs[f"mlm/probe/lr{lr}/s{s}"].data.metrics["validation/accuracy"] for s in (0, 1)) for lr in ("0.001", "0.03")}
+    best = max(sorted(val, key=float), key=lambda lr: val[lr])
+    assert mlm["downstream/same-subject/probe/lr"] == float(best)
+    assert {runs[f"mlm/probe/lr{lr}/s0"].data.tags["lr_selected"] for lr in val} == {"true", "false"}
+    assert runs[f"mlm/probe/lr{best}/s0"].data.tags["lr_selected"] == "true"
+    test_mean = sum(runs[f"mlm/probe/lr{best}/s{s}"].data.metrics["test/accuracy"] for s in (0, 1)) / 2
+    assert mlm["downstream/same-subject/probe/accuracy"] == pytest.approx(test_mean)
 
     report = Path(result["report"]).read_text()
     assert "Task `same-subject`: 2 classes; 120 / 30 / 30" in report
