@@ -113,18 +113,21 @@ def log_cell(c, exp_id: str, v: dict, cell: dict, task_name: str, tags: dict) ->
 
 
 def log_variant_summary(c, v: dict, cells: list[dict], methods: list[str], task_name: str) -> None:
-    """Mean and 95% interval over seeds on the variant's run: downstream/<task>/<method>/<metric>[_ci95]."""
+    """Mean and 95% interval over seeds on the variant's run: downstream/<task>/<method>/<metric>[_ci95],
+    and downstream/<task>/<metric>[_ci95] for the first method."""
     for cell in cells:  # tagged once every cell is done: selection needs all the rates
         if cell["variant"] == v["name"] and cell.get("grid") and cell.get("run_id"):
             c.set_tag(cell["run_id"], "lr_selected", str(cell.get("selected", False)).lower())
     values = {}
-    for method in methods:
+    for i, method in enumerate(methods):
         chosen = reporting.chosen_lr(cells, v["name"], method)
         if chosen is not None:
             values[f"downstream/{task_name}/{method}/lr"] = chosen
         for metric, (mean, half) in reporting.cell_summary(cells, v["name"], method).items():
-            if mean == mean:
-                values[f"downstream/{task_name}/{method}/{metric}"] = mean
-            if half == half:
-                values[f"downstream/{task_name}/{method}/{metric}_ci95"] = half
+            # The first method's scores also go under the method-free keys every pipeline run has.
+            for key in [f"downstream/{task_name}/{method}/{metric}"] + ([f"downstream/{task_name}/{metric}"] if i == 0 else []):
+                if mean == mean:
+                    values[key] = mean
+                if half == half:
+                    values[f"{key}_ci95"] = half
     log_metrics(c, v["run_id"], values)

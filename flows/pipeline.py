@@ -12,7 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_image_artifact, create_markdown_artifact
 from prefect.runtime import flow_run
 from rich.console import Console
 
@@ -63,7 +63,8 @@ def pretrain_pipeline(config_path: str = "demo.yaml", overrides: list[str] | Non
     db = str(ws.warehouse)
     n_variants = len(cfg.objectives) * len(cfg.sizes())
     has_task = cfg.downstream.task != "none"
-    n_cells = (n_variants + len(cfg.sizes())) * len(cfg.downstream.method_configs()) * len(cfg.downstream.seeds)
+    per_model = sum(len(ft.lr_grid) or 1 for ft in cfg.downstream.method_configs().values())
+    n_cells = (n_variants + len(cfg.sizes())) * per_model * len(cfg.downstream.seeds)
     stages = Stages(4 + 3 * n_variants + (3 + n_cells if has_task else 0))
 
     c = client(ws)
@@ -139,7 +140,8 @@ def _run(cfg, ws, db, c, exp_id, parent, stages, has_task, logger) -> dict:
             log_cell(c, exp_id, by_name[cell["variant"]], cell, task["name"], base_tags)
             what = (f"failed: {cell['error'][:120]}" if cell.get("error") else
                     f"test accuracy {cell['scores']['test']['accuracy']:.3f}, macro-F1 {cell['scores']['test']['macro_f1']:.3f}")
-            stages.done(f"finetune {cell['variant']} {cell['method']} s{cell['seed']}", cached, what)
+            lr = f" lr{cell['lr']:g}" if cell.get("grid") else ""
+            stages.done(f"finetune {cell['variant']} {cell['method']}{lr} s{cell['seed']}", cached, what)
 
         cells = run_cells(variants, methods, cfg.downstream.seeds, common, cfg.study.max_parallel, on_done)
         for v in variants:
@@ -305,7 +307,6 @@ def _write_report(c, ws, parent, variants, cells, methods, context, title) -> di
     report_dir = ws.stage_dir("reports", parent)
     report_dir.mkdir(parents=True, exist_ok=True)
     md_path = report_dir / "report.md"
-    md_path.write_text(markdown)
     images = [reporting.plot_losses(variants, report_dir / "loss_curves.png")]
     if context["task"]:
         images.append(reporting.plot_downstream(variants, cells, methods, context["task"]["name"], report_dir / "downstream.png"))
@@ -316,8 +317,14 @@ def _write_report(c, ws, parent, variants, cells, methods, context, title) -> di
             writer.writeheader()
             writer.writerows(pairs)
     html_path = reporting.write_html(markdown, images, report_dir / "report.html", title)
+    md_path.write_text(markdown + "".join(f"\n![{p.stem}]({p.name})\n" for p in images))
     c.log_artifacts(parent, str(report_dir))
-    create_markdown_artifact(markdown=markdown, key="pretrain-report", description=f"{title}: comparison report")
+    # The Prefect UI shows the plots from the MLflow server that `pretrain ui` starts beside it.
+    urls = {p: f"{reporting.MLFLOW_UI}/get-artifact?path={p.name}&run_uuid={parent}" for p in images}
+    create_markdown_artifact(markdown=markdown + "".join(f"\n![{p.stem}]({u})\n" for p, u in urls.items()),
+                             key="pretrain-report", description=f"{title}: comparison report")
+    for p, url in urls.items():
+        create_image_artifact(image_url=url, key=f"report-{p.stem.replace('_', '-')}", description=f"{title}: {p.stem}")
     return {"dir": report_dir, "markdown": markdown, "markdown_path": str(md_path), "html_path": str(html_path)}
 
 

@@ -56,6 +56,7 @@ def test_flow_logs_runs_metrics_artefacts_and_prefect_report(prefect_harness, wo
         assert r.data.params["snapshot_id"] == result["snapshot_id"]
         m = r.data.metrics
         assert 0 <= m["downstream/stdlib-module/full/accuracy"] <= 1 and 0 <= m["downstream/stdlib-module/full/macro_f1"] <= 1
+        assert m["downstream/stdlib-module/accuracy"] == m["downstream/stdlib-module/full/accuracy"]  # the stable key
         (cell,) = [x for x in runs if x.data.tags.get("mlflow.parentRunId") == r.info.run_id]  # one method, one seed
         assert cell.info.run_name == f"{r.info.run_name}/full/s0" and cell.info.status == "FINISHED"
         assert {k: cell.data.params[k] for k in ("method", "seed", "variant")} == {
@@ -168,6 +169,12 @@ def test_ui_serves_earlier_runs_on_loopback(cli_runs):
         assert sum(r["state_type"] == "COMPLETED" for r in flow_runs) >= 2
         exps = _get(f"http://127.0.0.1:{mp}/api/2.0/mlflow/experiments/search?max_results=10")
         assert "pipeline-test" in {e["name"] for e in exps["experiments"]}
+        # the report's plots, shown in the Prefect UI, are served by the MLflow UI from the parent run
+        images = _get(f"http://127.0.0.1:{pp}/api/artifacts/filter", b'{"artifacts": {"type": {"any_": ["image"]}}}')
+        assert {a["key"] for a in images} >= {"report-loss-curves", "report-downstream", "report-finetune-curves"}
+        url = images[0]["data"].replace("http://127.0.0.1:5000", f"http://127.0.0.1:{mp}")
+        with urllib.request.urlopen(url, timeout=10) as r:
+            assert r.read(8) == b"\x89PNG\r\n\x1a\n"
         listening = subprocess.run(["ss", "-ltnH"], capture_output=True, text=True).stdout
         for port in (pp, mp):
             binds = [ln.split()[3] for ln in listening.splitlines() if ln.split()[3].endswith(f":{port}")]

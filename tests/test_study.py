@@ -31,10 +31,11 @@ def runs_by_name(home: Path, experiment: str) -> dict:
 def test_compare_reports_failed_parts_and_finishes_the_rest(tmp_path):
     home = tmp_path / "ws"
     # t5 needs more sentinels than this tokenizer has: its pretraining fails at the examples stage.
-    # freeze-9 asks for more frozen layers than the tiny model has: each of its cells fails.
+    # freeze-9 asks for more frozen layers than the models have: each of its cells fails.
     config = study_config(tmp_path, objectives=["clm", "t5"], tokenizer={"vocab_size": 1000, "sentinels": 2},
                           downstream={"n_classes": 4, "seeds": [0, 1], "finetune": {"epochs": 1, "max_len": 64},
-                                      "methods": {"full": {}, "freeze-9": {"method": "freeze", "freeze_layers": 9}}})
+                                      "methods": {"full": {}, "freeze-9": {"method": "freeze", "freeze_layers": 9}}},
+                          study={"sizes": ["tiny", "mini"]})
     done = run_cli("compare", "--config", str(config), env={"PRETRAIN_HOME": str(home)})
     assert done.returncode == 1, done.stderr[-3000:]
     errors = [ln for ln in done.stderr.splitlines() if ln.startswith("error:")]
@@ -42,22 +43,25 @@ def test_compare_reports_failed_parts_and_finishes_the_rest(tmp_path):
 
     (report_dir,) = (home / "reports").iterdir()
     report = (report_dir / "report.md").read_text()
-    assert "| t5 | t5 | tiny |" in report and "failed: span corruption needs" in report
-    assert "| clm | full | 0.0003 | 2/2 |" in report and "| random-init | full | 0.0003 | 2/2 |" in report
-    assert "| clm | freeze-9 | - | 0/2 |" in report and "freeze_layers=9 but the model has 2 layers" in report
-    assert "| t5 | full | - | 0/2 |" in report
+    for size in ("tiny", "mini"):
+        assert f"| t5@{size} | t5 | {size} |" in report and f"| clm@{size} | clm | {size} |" in report
+        assert f"| clm@{size} | full | 0.0003 | 2/2 |" in report and f"| random-init@{size} | full | 0.0003 | 2/2 |" in report
+        assert f"| clm@{size} | freeze-9 | - | 0/2 |" in report and f"| t5@{size} | full | - | 0/2 |" in report
+    assert "failed: span corruption needs" in report and "freeze_layers=9 but the model has 2 layers" in report
+    assert "freeze_layers=9 but the model has 4 layers" in report  # mini
     assert (report_dir / "report.html").exists() and (report_dir / "downstream.png").stat().st_size > 0
 
     runs = runs_by_name(home, "study-test")
-    assert runs["t5"].info.status == "FAILED" and "sentinels" in runs["t5"].data.tags["error"]
-    assert runs["clm"].info.status == "FINISHED"
+    assert runs["t5@tiny"].info.status == "FAILED" and "sentinels" in runs["t5@tiny"].data.tags["error"]
+    assert runs["clm@mini"].info.status == "FINISHED" and runs["clm@mini"].data.params["model_size"] == "mini"
+    assert runs["clm@mini"].data.metrics["n_params"] > runs["clm@tiny"].data.metrics["n_params"]
     for seed in (0, 1):
-        ok, bad = runs[f"clm/full/s{seed}"], runs[f"clm/freeze-9/s{seed}"]
+        ok, bad = runs[f"clm@tiny/full/s{seed}"], runs[f"clm@mini/freeze-9/s{seed}"]
         assert ok.info.status == "FINISHED" and 0 <= ok.data.metrics["test/accuracy"] <= 1
         assert bad.info.status == "FAILED" and "freeze_layers" in bad.data.tags["error"]
-        assert runs[f"t5/full/s{seed}"].info.status == "FAILED"
+        assert runs[f"t5@mini/full/s{seed}"].info.status == "FAILED"
     assert [r.info.status for n, r in runs.items() if n.startswith("pipeline-")] == ["FAILED"]
-    assert "downstream/stdlib-module/full/accuracy_ci95" in runs["clm"].data.metrics  # two seeds: an interval
+    assert "downstream/stdlib-module/full/accuracy_ci95" in runs["clm@tiny"].data.metrics  # two seeds: an interval
 
 
 def _pair_task(folder: Path, corpus: Path) -> Path:
@@ -125,3 +129,12 @@ def test_study_on_a_user_pair_task_runs_methods_in_parallel_and_checks_contamina
         pairs = list(csv.DictReader(f))
     assert {(p["method"], p["a"], p["b"]) for p in pairs} == {("probe", "mlm", "random-init"), ("lora", "mlm", "random-init")}
     assert json.loads(json.dumps(result["table"]))[0]["variant"] == "mlm"
+
+    # the cells are task runs of this flow run in Prefect, named after their cell
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[result["flow_run_id"]])))
+    names = {t.name for t in task_runs if t.name.startswith("finetune-")}
+    assert {"finetune-mlm/lora-s0", "finetune-random-init/probe/lr0.03-s1"} <= names and len(names) == 12
