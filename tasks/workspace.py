@@ -54,6 +54,8 @@ def configure_environment(ws: Workspace | None = None) -> Workspace:
     os.environ.setdefault("PREFECT_HOME", str(ws.prefect_home))
     # Otherwise the temporary server's telemetry races its own SQLite database on first start.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Prefect's 20 s for its temporary server to start is too short on a busy 2-core machine.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("PRETRAIN_HOME", str(ws.root))
     return ws
