@@ -191,10 +191,13 @@ def finetune(
     n_labels: int,
     cfg: FinetuneConfig,
     label: str = "finetune",
+    features: dict[str, torch.Tensor] | None = None,
 ) -> dict:
     """Train on splits['train'] with `cfg.method`; per-epoch validation accuracy and final predictions.
 
-    A split is `(texts, labels)` or `(texts, labels, pairs)` for a text-pair task.
+    A split is `(texts, labels)` or `(texts, labels, pairs)` for a text-pair task. The probe returns
+    the frozen features it used under "features"; passing them back as `features` (same backbone,
+    same splits) skips the forward passes, so a learning-rate grid and several seeds cost one.
     """
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -205,7 +208,7 @@ def finetune(
             for name, s in splits.items()}
     model = SequenceClassifier(backbone, n_labels, cfg.dropout).to(device)
     if cfg.method == "probe":
-        return _train_probe(model, data, n_labels, cfg, pad, device, label)
+        return _train_probe(model, data, n_labels, cfg, pad, device, features)
     info = {}
     if cfg.method == "freeze":
         info["frozen_layers"] = freeze_lower(backbone, cfg.freeze_layers)
@@ -240,8 +243,9 @@ def finetune(
     return _result(curve, predictions, data, info)
 
 
-def _train_probe(model: SequenceClassifier, data: dict, n_labels: int, cfg: FinetuneConfig, pad: int, device, label: str) -> dict:
-    feats = {name: pooled_features(model, seqs, cfg.batch_size, pad, device) for name, (seqs, _) in data.items()}
+def _train_probe(model: SequenceClassifier, data: dict, n_labels: int, cfg: FinetuneConfig, pad: int, device,
+                 features: dict[str, torch.Tensor] | None) -> dict:
+    feats = features or {name: pooled_features(model, seqs, cfg.batch_size, pad, device) for name, (seqs, _) in data.items()}
     train_x, train_y = feats["train"], torch.as_tensor(data["train"][1])
     # Standardising is a linear map, so the probe stays linear; it only makes the optimisation well
     # conditioned when pretrained features are nearly collinear.
@@ -270,7 +274,7 @@ def _train_probe(model: SequenceClassifier, data: dict, n_labels: int, cfg: Fine
         predictions = {name: probe(x).argmax(-1).tolist() for name, x in feats.items() if name != "train"}
     info = {"trainable_params": sum(p.numel() for p in probe.parameters()),
             "total_params": sum(p.numel() for p in model.backbone.parameters()) + sum(p.numel() for p in probe.parameters())}
-    return _result(curve, predictions, data, info)
+    return {**_result(curve, predictions, data, info), "features": feats}
 
 
 def _param_counts(model: nn.Module) -> dict:

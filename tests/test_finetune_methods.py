@@ -80,6 +80,15 @@ def test_probe_trains_only_a_linear_map_on_frozen_features(tokenizer, one_thread
     assert len(out["curve"]) == 30 and out["curve"][-1]["val_accuracy"] >= 0.9  # random features separate this task
 
 
+def test_probe_reuses_features_it_is_given(tokenizer, one_thread):
+    cfg = FinetuneConfig(method="probe", epochs=5, lr=1e-2)
+    first = finetune(backbone(tokenizer), tokenizer, SPECIALS, toy_splits(), 3, cfg)
+    broken = backbone(tokenizer)
+    torch.nn.init.zeros_(broken.tok_emb.weight)  # features from this backbone would all be equal
+    again = finetune(broken, tokenizer, SPECIALS, toy_splits(), 3, cfg, features=first["features"])
+    assert again["predictions"] == first["predictions"] and again["curve"] == first["curve"]
+
+
 def test_lora_trains_adapters_and_leaves_the_base_weights(tokenizer, one_thread):
     bb = backbone(tokenizer, "decoder")
     before = snapshot(bb)
