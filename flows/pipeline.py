@@ -312,7 +312,7 @@ def _write_report(c, ws, parent, variants, cells, methods, context, title) -> di
         images.append(reporting.plot_downstream(variants, cells, methods, context["task"]["name"], report_dir / "downstream.png"))
         images.append(reporting.plot_finetune_curves(variants, cells, methods, report_dir / "finetune_curves.png"))
         with open(report_dir / "pairwise_tests.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["method", "a", "b", "diff_accuracy", "p_value", "n_seeds",
+            writer = csv.DictWriter(f, fieldnames=["method", "a", "b", "diff_accuracy", "p_value", "p_holm", "n_seeds",
                                                    "significant", "intervals_overlap"])
             writer.writeheader()
             writer.writerows(pairs)

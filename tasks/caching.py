@@ -11,13 +11,18 @@ import duckdb
 from tasks.workspace import code_version
 
 
-def stage_cache_key(*packages: str, exclude: tuple[str, ...] = ()) -> Callable:
-    """A Prefect `cache_key_fn`: task name + inputs (minus `exclude`) + source hash of `packages`."""
+# Modules only the evaluation stages run: editing them must not re-run pretraining or its data stages.
+EVALUATION_ONLY = ("model/finetune.py", "warehouse/task_files.py", "warehouse/contamination.py")
+
+
+def stage_cache_key(*packages: str, exclude: tuple[str, ...] = (), skip: tuple[str, ...] = ()) -> Callable:
+    """A Prefect `cache_key_fn`: task name + inputs (minus `exclude`) + source hash of `packages`
+    (minus the `skip` files)."""
 
     def key(context, parameters: dict[str, Any]) -> str:
         inputs = {k: v for k, v in parameters.items() if k not in exclude}
         payload = json.dumps(inputs, sort_keys=True, default=str)
-        h = hashlib.sha256(f"{context.task.name}|{payload}|{code_version(*packages)}".encode())
+        h = hashlib.sha256(f"{context.task.name}|{payload}|{code_version(*packages, skip=skip)}".encode())
         return h.hexdigest()
 
     return key

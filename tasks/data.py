@@ -12,7 +12,7 @@ from prefect import task
 from model.config import TrainConfig, load_dataclass
 from model.data import WORD_STARTS_FILE, save_rows, word_starts
 from model.objectives import get_objective
-from tasks.caching import retry_on_io, stage_cache_key
+from tasks.caching import EVALUATION_ONLY, retry_on_io, stage_cache_key
 from warehouse import store
 from warehouse.contamination import snapshot_contamination
 from warehouse.shards import load_split, write_token_shards
@@ -45,14 +45,14 @@ def _stat(path: Path) -> list:
     return [str(path), st.st_size, st.st_mtime_ns]
 
 
-@task(name="ingest", cache_key_fn=stage_cache_key("warehouse"), retries=2, retry_delay_seconds=2,
+@task(name="ingest", cache_key_fn=stage_cache_key("warehouse", skip=EVALUATION_ONLY), retries=2, retry_delay_seconds=2,
       retry_condition_fn=retry_on_io, **CACHED)
 def ingest_corpus(db_path: str, sources: list[dict], min_chars: int, fingerprint: list) -> dict:
     report = store.ingest(db_path, [SourceSpec(**s) for s in sources], min_chars)
     return {**asdict(report), "outputs": [db_path]}
 
 
-@task(name="downstream-task", cache_key_fn=stage_cache_key("warehouse"), **CACHED)
+@task(name="downstream-task", cache_key_fn=stage_cache_key("warehouse", skip=EVALUATION_ONLY), **CACHED)
 def define_downstream_task(db_path: str, task_name: str, source: str, n_classes: int, min_chars: int,
                            val_frac: float, test_frac: float, ingest_key: str) -> dict:
     t = store.define_label_task(db_path, task_name, source, n_classes, min_chars, val_frac, test_frac)
@@ -87,27 +87,27 @@ def check_contamination(db_path: str, snapshot_id: str, task_name: str, n: int, 
     return {split: asdict(c) for split, c in found.items()}
 
 
-@task(name="snapshot", cache_key_fn=stage_cache_key("warehouse"), **CACHED)
+@task(name="snapshot", cache_key_fn=stage_cache_key("warehouse", skip=EVALUATION_ONLY), **CACHED)
 def snapshot_corpus(db_path: str, name: str, sources: list[str], val_frac: float, test_frac: float,
                     upstream_key: str) -> dict:
     info = store.create_snapshot(db_path, name, sources, val_frac, test_frac)
     return {**asdict(info), "outputs": [db_path]}
 
 
-@task(name="tokenizer", cache_key_fn=stage_cache_key("warehouse"), **CACHED)
+@task(name="tokenizer", cache_key_fn=stage_cache_key("warehouse", skip=EVALUATION_ONLY), **CACHED)
 def tokenizer_for(db_path: str, snapshot_id: str, config: dict, out_path: str) -> dict:
     info = train_tokenizer(db_path, snapshot_id, TokenizerConfig(**config), out_path)
     return {**info, "path": out_path, "outputs": [out_path]}
 
 
-@task(name="token-shards", cache_key_fn=stage_cache_key("warehouse"), retries=2, retry_delay_seconds=2,
+@task(name="token-shards", cache_key_fn=stage_cache_key("warehouse", skip=EVALUATION_ONLY), retries=2, retry_delay_seconds=2,
       retry_condition_fn=retry_on_io, **CACHED)
 def tokenize_snapshot(db_path: str, snapshot_id: str, tokenizer_path: str, out_dir: str) -> dict:
     counts = write_token_shards(db_path, snapshot_id, tokenizer_path, out_dir)
     return {"splits": counts, "dir": out_dir, "outputs": [os.path.join(out_dir, "meta.json")]}
 
 
-@task(name="examples", cache_key_fn=stage_cache_key("model", "warehouse"), **CACHED)
+@task(name="examples", cache_key_fn=stage_cache_key("model", "warehouse", skip=EVALUATION_ONLY), **CACHED)
 def make_examples(train_config: dict, shard_dir: str, tokenizer_path: str, out_dir: str) -> dict:
     """The objective's example maker over each split's token stream, written as memory-mappable rows.
 

@@ -117,8 +117,9 @@ def comparisons(variants: list[dict], cells: list[dict], method: str, alpha: flo
              "", "| rank | variant | test accuracy | not separable from |", "|---:|---|---:|---|"]
     for r in ranking(means, tests):
         lines.append(f"| {r['rank']} | {r['variant']} | {fmt(r['mean'], r['ci95'])} | {', '.join(r['ties']) or '-'} |")
-    rows = [{"method": method, "a": t.a, "b": t.b, "diff_accuracy": t.diff, "p_value": t.p_value, "n_seeds": t.n,
-             "significant": t.significant, "intervals_overlap": intervals_overlap(means[t.a], means[t.b])} for t in tests]
+    rows = [{"method": method, "a": t.a, "b": t.b, "diff_accuracy": t.diff, "p_value": t.p_value,
+             "p_holm": t.p_adjusted, "n_seeds": t.n, "significant": t.significant,
+             "intervals_overlap": intervals_overlap(means[t.a], means[t.b])} for t in tests]
     floors = [n for n in names if any(v["name"] == n and not v.get("objective") for v in variants)]
     verdicts = []
     for row in rows:
@@ -127,13 +128,17 @@ def comparisons(variants: list[dict], cells: list[dict], method: str, alpha: flo
         sign = 1 if row["b"] in floors else -1
         other, floor = (row["a"], row["b"]) if sign == 1 else (row["b"], row["a"])
         delta = sign * row["diff_accuracy"]
+        p_text = f"p = {row['p_value']:.3g}, Holm-adjusted {row['p_holm']:.3g}"
         if row["significant"] and not row["intervals_overlap"]:
             verdict = "above" if delta > 0 else "below"
-            verdicts.append(f"- `{other}` is {verdict} `{floor}`: {delta:+.3f} test accuracy (p = {row['p_value']:.3g}).")
+            verdicts.append(f"- `{other}` is {verdict} `{floor}`: {delta:+.3f} test accuracy ({p_text}).")
         else:
-            why = ("untested: fewer than 2 paired seeds" if math.isnan(row["p_value"]) else
-                   f"p = {row['p_value']:.3g}" + (", intervals overlap" if row["intervals_overlap"] else ""))
+            why = ("untested: fewer than 2 paired seeds, or identical differences" if math.isnan(row["p_value"]) else
+                   p_text + (", intervals overlap" if row["intervals_overlap"] else ""))
             verdicts.append(f"- `{other}` vs `{floor}`: {delta:+.3f} test accuracy, not a significant difference ({why}).")
+    if rows:
+        verdicts.append(f"- Holm's correction runs over all {len(rows)} pairs of this method; with "
+                        f"{max(r['n_seeds'] for r in rows)} seeds a raw p under {alpha} is often not enough.")
     return lines + [""] + verdicts, rows
 
 
@@ -214,7 +219,7 @@ def plot_losses(variants: list[dict], path: Path) -> Path:
 def plot_downstream(variants: list[dict], cells: list[dict], methods: list[str], task_name: str, path: Path) -> Path:
     """Test accuracy and macro-F1 with their 95% intervals: one bar group per variant, one bar per method."""
     names = [v["name"] for v in variants if any(ok_cells(cells, v["name"], m) for m in methods)]
-    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.1 * len(names) * max(1, len(methods)) + 3), 4.2))
+    fig, axes = plt.subplots(2, 1, figsize=(min(16, max(8, 0.8 * len(names) * max(1, len(methods)) + 2)), 8))
     width = 0.8 / max(1, len(methods))
     x = np.arange(len(names))
     for ax, metric in zip(axes, ("accuracy", "macro_f1")):
@@ -243,14 +248,15 @@ def plot_finetune_curves(variants: list[dict], cells: list[dict], methods: list[
             n = min(len(r["curve"]) for r in runs)
             acc = np.array([[p["val_accuracy"] for p in r["curve"][:n]] for r in runs])
             epochs = np.arange(1, n + 1)
-            ax.plot(epochs, acc.mean(0), marker="o", label=v["name"], color=COLORS[i % 10])
+            ax.plot(epochs, acc.mean(0), marker="o" if n <= 10 else None, label=v["name"], color=COLORS[i % 10])
             if len(runs) > 1:
                 ax.fill_between(epochs, acc.min(0), acc.max(0), alpha=0.12, color=COLORS[i % 10])
         ax.set_title(f"{method}: validation accuracy (mean, seed range)")
         ax.set_xlabel("epoch")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     return _save(fig, path)
 
 

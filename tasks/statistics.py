@@ -34,6 +34,7 @@ class PairTest:
     p_value: float  # nan when it cannot be tested (fewer than 2 paired seeds, or no variation)
     n: int
     significant: bool
+    p_adjusted: float = float("nan")  # Holm-adjusted over the family of comparisons it was tested in
 
 
 def paired_test(a: dict[int, float], b: dict[int, float], name_a: str, name_b: str, alpha: float) -> PairTest:
@@ -46,19 +47,19 @@ def paired_test(a: dict[int, float], b: dict[int, float], name_a: str, name_b: s
         # Constant differences have no variance: a t-test is undefined; report it untested.
         return PairTest(name_a, name_b, diff, float("nan"), len(seeds), False)
     p = float(stats.ttest_rel(x, y).pvalue)
-    return PairTest(name_a, name_b, diff, p, len(seeds), p < alpha)
+    return PairTest(name_a, name_b, diff, p, len(seeds), p < alpha, p)
 
 
 def pairwise(scores: dict[str, dict[int, float]], alpha: float = 0.05) -> list[PairTest]:
     """Every pair of variants, Holm-corrected so that many comparisons do not manufacture a winner."""
     tests = [paired_test(scores[a], scores[b], a, b, alpha) for a, b in combinations(scores, 2)]
     testable = sorted((t for t in tests if not math.isnan(t.p_value)), key=lambda t: t.p_value)
-    m = len(testable)
-    still = True
+    m, running = len(testable), 0.0
     for i, t in enumerate(testable):
-        adjusted = min(1.0, t.p_value * (m - i))
-        still = still and adjusted < alpha  # Holm stops at the first hypothesis it cannot reject
-        t.significant = still
+        # Holm's step-down adjusted p-values are monotone: a hypothesis after one that is kept is kept too.
+        running = max(running, min(1.0, t.p_value * (m - i)))
+        t.p_adjusted = running
+        t.significant = running < alpha
     return tests
 
 

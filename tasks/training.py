@@ -12,7 +12,7 @@ from prefect import task
 
 from model.checkpoint import load_pretrained
 from model.hf import export_hf
-from tasks.caching import stage_cache_key
+from tasks.caching import EVALUATION_ONLY, stage_cache_key
 from tasks.tracking import MetricsTail, client
 from tasks.workspace import PACKAGE_ROOT, Workspace
 
@@ -42,7 +42,7 @@ def exit_reason(returncode: int) -> str:
     return f"exited with code {returncode}; its error is printed above"
 
 
-@task(name="pretrain", cache_key_fn=stage_cache_key("model", exclude=("mlflow_run_id",)),
+@task(name="pretrain", cache_key_fn=stage_cache_key("model", exclude=("mlflow_run_id",), skip=EVALUATION_ONLY),
       persist_result=True, result_serializer="json")
 def pretrain(train_config: dict, tokenizer_path: str, mlflow_run_id: str | None = None) -> dict:
     """Train one objective in its own process; export the result in Hugging Face format."""

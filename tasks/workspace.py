@@ -62,11 +62,14 @@ def configure_environment(ws: Workspace | None = None) -> Workspace:
 
 
 @lru_cache(maxsize=None)
-def code_version(*packages: str) -> str:
-    """Hash of the source of the given packages: a code change invalidates the stages it affects."""
+def code_version(*packages: str, skip: tuple[str, ...] = ()) -> str:
+    """Hash of the source of the given packages (minus the `skip` files): a code change invalidates
+    the stages it affects."""
     h = hashlib.sha256()
     for package in sorted(packages):
         for path in sorted((PACKAGE_ROOT / package).rglob("*.py")):
+            if str(path.relative_to(PACKAGE_ROOT)) in skip:
+                continue
             h.update(str(path.relative_to(PACKAGE_ROOT)).encode())
             h.update(path.read_bytes())
     return h.hexdigest()[:12]

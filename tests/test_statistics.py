@@ -50,6 +50,8 @@ def test_holm_correction_keeps_a_borderline_pair_from_counting():
         going = going and t.p_value * (3 - k) < 0.05
         expected.append(going)
     assert [t.significant for t in ordered] == expected
+    adjusted = [max(min(1.0, u.p_value * (3 - j)) for j, u in enumerate(ordered[: k + 1])) for k in range(3)]
+    assert [t.p_adjusted for t in ordered] == pytest.approx(adjusted)
     # a p-value under alpha that Holm does not accept
     p_close = {"a": {0: 0.720, 1: 0.728, 2: 0.715}, "b": {0: 0.70, 1: 0.70, 2: 0.70}}
     raw = paired_test(p_close["a"], p_close["b"], "a", "b", 0.05)
@@ -82,3 +84,27 @@ def test_classification_metrics_match_scikit_learn_and_a_hand_computed_case():
     assert m == {"accuracy": accuracy_score(y, p), "macro_f1": f1_score(y, p, average="macro"),
                  "mcc": matthews_corrcoef(y, p)}
     assert confusion_matrix(y, p).trace() / 300 == pytest.approx(m["accuracy"])
+
+
+def test_evaluation_only_modules_do_not_key_pretraining(tmp_path, monkeypatch):
+    """Editing the fine-tuning code re-runs fine-tuning, not pretraining (cache keys hash the code)."""
+    import shutil
+
+    import tasks.workspace as workspace
+    from tasks.caching import EVALUATION_ONLY
+
+    root = tmp_path / "src"
+    shutil.copytree(workspace.PACKAGE_ROOT / "model", root / "model")
+    monkeypatch.setattr(workspace, "PACKAGE_ROOT", root)
+    workspace.code_version.cache_clear()  # memoised per process
+    before = (workspace.code_version("model", skip=EVALUATION_ONLY), workspace.code_version("model"))
+    with open(root / "model" / "finetune.py", "a") as f:
+        f.write("\n# edited\n")
+    workspace.code_version.cache_clear()
+    assert workspace.code_version("model", skip=EVALUATION_ONLY) == before[0]  # pretraining's key holds
+    assert workspace.code_version("model") != before[1]  # fine-tuning's key moves
+    with open(root / "model" / "train.py", "a") as f:
+        f.write("\n# edited\n")
+    workspace.code_version.cache_clear()
+    assert workspace.code_version("model", skip=EVALUATION_ONLY) != before[0]
+    workspace.code_version.cache_clear()
