@@ -268,7 +268,11 @@ def train(cfg: TrainConfig) -> dict:
         "resumed_from_step": start_step,
         "skipped_steps": skipped,
     }
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    earlier = out_dir / "summary.json"
+    if not trained_steps and earlier.exists():  # nothing left to train: keep the speed the run was trained at
+        before = json.loads(earlier.read_text())
+        summary.update({k: before[k] for k in ("throughput/tokens_per_s", "train_seconds") if k in before})
+    earlier.write_text(json.dumps(summary, indent=2))
     return summary
 
 

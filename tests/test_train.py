@@ -68,6 +68,18 @@ def test_train_learns_and_writes_a_verified_checkpoint(tmp_path, objective):
     assert json.loads((ckpt / "train_state.json").read_text())["step"] == 60
 
 
+def test_a_finished_run_run_again_keeps_its_results_and_speed(tmp_path):
+    _rows(tmp_path, "clm")
+    _config(tmp_path, "clm", max_steps=10, eval_interval=5)
+    assert _train(tmp_path).returncode == 0
+    first = json.loads((tmp_path / "run" / "summary.json").read_text())
+    again = _train(tmp_path)
+    assert again.returncode == 0 and "resuming from" in again.stdout + again.stderr
+    second = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert second["resumed_from_step"] == 10 and second["val/loss"] == first["val/loss"]
+    assert second["throughput/tokens_per_s"] == first["throughput/tokens_per_s"] > 0
+
+
 def test_corrupted_or_incomplete_checkpoint_is_refused(tmp_path):
     _rows(tmp_path, "clm")
     _config(tmp_path, "clm", max_steps=5, eval_interval=5)
