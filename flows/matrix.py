@@ -23,10 +23,11 @@ from tasks.evaluation import finetune_downstream
 from tasks.tracking import log_metric_rows, log_metrics, log_params, start_run
 
 
-def cell_inputs(v: dict, floor_model: dict | None) -> dict:
+def cell_inputs(v: dict) -> dict:
+    """What a cell fine-tunes: the variant's checkpoint (keyed by its checksums), or a random model."""
     if v.get("objective"):
         return {"checkpoint": v["checkpoint"], "checkpoint_digest": sha256_file(Path(v["checkpoint"]) / MARKER)}
-    return {"random_model": floor_model}
+    return {"random_model": v["model_config"]}
 
 
 def run_cells(variants: list[dict], methods: dict, seeds: list[int], common: dict, max_parallel: int,
@@ -46,11 +47,12 @@ def run_cells(variants: list[dict], methods: dict, seeds: list[int], common: dic
                         pending.append(({"variant": v["name"], "method": name, "seed": seed,
                                          "error": f"pretraining failed: {v['error']}"}, None))
                 continue
+            weights = cell_inputs(v)
             for name, ft in methods.items():
                 for lr in ft.lr_grid or [ft.lr]:
                     label = f"{v['name']}/{name}" + (f"/lr{lr:g}" if ft.lr_grid else "")
                     for seed in seeds:
-                        params = {**common, **cell_inputs(v, v.get("model_config")),
+                        params = {**common, **weights,
                                   "finetune_config": asdict(replace(ft, lr=lr, lr_grid=[])),
                                   "seed": seed, "variant": label, "num_threads": threads}
                         future = runner.submit(finetune_downstream, parameters=params)
@@ -97,18 +99,17 @@ def log_cell(c, exp_id: str, v: dict, cell: dict, task_name: str, tags: dict) ->
     cell["run_id"] = run_id
     log_params(c, run_id, {"objective": v.get("objective") or "none", "model_size": v["size"], "variant": v["name"],
                            "method": cell["method"], "seed": cell["seed"], "finetune_lr": cell.get("lr"),
-                           "task": task_name, "snapshot_id": tags.get("snapshot_id", "")})
+                           "task": task_name, "snapshot_id": tags.get("snapshot_id", ""), **cell.get("info", {})})
     if cell.get("error"):
         c.set_tag(run_id, "error", cell["error"][:5000])
         c.set_terminated(run_id, "FAILED")
         return
-    log_params(c, run_id, cell.get("info", {}))
     values = {f"{split}/{k}": val for split, scores in cell["scores"].items() for k, val in scores.items()}
     values.update({k: val for k, val in (v.get("summary") or {}).items()
                    if k.startswith("val/") and isinstance(val, (int, float))})  # the pretraining metrics, for comparison
-    log_metrics(c, run_id, values)
-    log_metric_rows(c, run_id, [{"step": p["epoch"], "finetune/val_accuracy": p["val_accuracy"],
-                                 "finetune/train_loss": p["train_loss"]} for p in cell["curve"]])
+    log_metric_rows(c, run_id, [{"step": 0, **values}] + [
+        {"step": p["epoch"], "finetune/val_accuracy": p["val_accuracy"], "finetune/train_loss": p["train_loss"]}
+        for p in cell["curve"]])
     c.set_terminated(run_id, "FINISHED")
 
 
