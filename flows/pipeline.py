@@ -8,6 +8,7 @@ floors) and, under each variant, one run per fine-tuning cell (method x seed). T
 from __future__ import annotations
 
 import csv
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -307,10 +308,8 @@ def _write_report(c, ws, parent, variants, cells, methods, context, title) -> di
     report_dir = ws.stage_dir("reports", parent)
     report_dir.mkdir(parents=True, exist_ok=True)
     md_path = report_dir / "report.md"
-    images = [reporting.plot_losses(variants, report_dir / "loss_curves.png")]
+    images = _plots(ws, variants, cells, methods, context["task"], report_dir)
     if context["task"]:
-        images.append(reporting.plot_downstream(variants, cells, methods, context["task"]["name"], report_dir / "downstream.png"))
-        images.append(reporting.plot_finetune_curves(variants, cells, methods, report_dir / "finetune_curves.png"))
         with open(report_dir / "pairwise_tests.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=["method", "a", "b", "diff_accuracy", "p_value", "p_holm", "n_seeds",
                                                    "significant", "intervals_overlap"])
@@ -326,6 +325,23 @@ def _write_report(c, ws, parent, variants, cells, methods, context, title) -> di
     for p, url in urls.items():
         create_image_artifact(image_url=url, key=f"report-{p.stem.replace('_', '-')}", description=f"{title}: {p.stem}")
     return {"dir": report_dir, "markdown": markdown, "markdown_path": str(md_path), "html_path": str(html_path)}
+
+
+def _plots(ws, variants, cells, methods, task, report_dir: Path) -> list[Path]:
+    """The report's PNGs, drawn once per distinct set of results (a cached re-run copies them)."""
+    key = config_hash([[{k: v.get(k) for k in ("name", "summary", "metrics_file", "error")} for v in variants],
+                       [{k: x for k, x in c.items() if k != "run_id"} for c in cells], methods, task])
+    cache = ws.stage_dir("plots", key)
+    names = ["loss_curves.png"] + (["downstream.png", "finetune_curves.png"] if task else [])
+    if not all((cache / n).exists() for n in names):
+        cache.mkdir(parents=True, exist_ok=True)
+        reporting.plot_losses(variants, cache / "loss_curves.png")
+        if task:
+            reporting.plot_downstream(variants, cells, methods, task["name"], cache / "downstream.png")
+            reporting.plot_finetune_curves(variants, cells, methods, cache / "finetune_curves.png")
+    for n in names:
+        shutil.copyfile(cache / n, report_dir / n)
+    return [report_dir / n for n in names]
 
 
 def _table_row(v: dict, cells: list[dict], methods: list[str]) -> dict:

@@ -10,18 +10,24 @@ import base64
 import math
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from tasks.statistics import intervals_overlap, mean_ci, pairwise, ranking  # noqa: E402
-from tasks.tracking import read_metric_rows  # noqa: E402
+from tasks.statistics import intervals_overlap, mean_ci, pairwise, ranking
+from tasks.tracking import read_metric_rows
 
 MLFLOW_UI = "http://127.0.0.1:5000"
 METRICS = ("accuracy", "macro_f1", "mcc")
-COLORS = plt.get_cmap("tab10").colors
+COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
+
+
+def _pyplot():
+    """matplotlib on first use: a run whose plots come from cache never imports it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def fmt(mean: float, half: float, digits: int = 3) -> str:
@@ -193,12 +199,12 @@ def build_markdown(variants: list[dict], cells: list[dict], methods: list[str], 
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _pyplot().close(fig)
     return path
 
 
 def plot_losses(variants: list[dict], path: Path) -> Path:
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = _pyplot().subplots(1, 2, figsize=(11, 4))
     for i, v in enumerate(v for v in variants if v.get("metrics_file") and not v.get("error")):
         rows = read_metric_rows(Path(v["metrics_file"]))
         flops_per_step = v["summary"]["pretrain_flops"] / max(r["step"] for r in rows)
@@ -219,7 +225,7 @@ def plot_losses(variants: list[dict], path: Path) -> Path:
 def plot_downstream(variants: list[dict], cells: list[dict], methods: list[str], task_name: str, path: Path) -> Path:
     """Test accuracy and macro-F1 with their 95% intervals: one bar group per variant, one bar per method."""
     names = [v["name"] for v in variants if any(ok_cells(cells, v["name"], m) for m in methods)]
-    fig, axes = plt.subplots(2, 1, figsize=(min(16, max(8, 0.8 * len(names) * max(1, len(methods)) + 2)), 8))
+    fig, axes = _pyplot().subplots(2, 1, figsize=(min(16, max(8, 0.8 * len(names) * max(1, len(methods)) + 2)), 8))
     width = 0.8 / max(1, len(methods))
     x = np.arange(len(names))
     for ax, metric in zip(axes, ("accuracy", "macro_f1")):
@@ -239,7 +245,7 @@ def plot_downstream(variants: list[dict], cells: list[dict], methods: list[str],
 
 def plot_finetune_curves(variants: list[dict], cells: list[dict], methods: list[str], path: Path) -> Path:
     """Validation accuracy per fine-tuning epoch, mean over seeds, one panel per method."""
-    fig, axes = plt.subplots(1, len(methods), figsize=(5 * len(methods), 4), squeeze=False)
+    fig, axes = _pyplot().subplots(1, len(methods), figsize=(5 * len(methods), 4), squeeze=False)
     for ax, method in zip(axes[0], methods):
         for i, v in enumerate(variants):
             runs = ok_cells(cells, v["name"], method)
