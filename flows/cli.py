@@ -7,14 +7,17 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from flows.data_cli import data_app
 from model.config import ConfigError
 from tasks.workspace import Workspace, configure_environment
 from warehouse.sources import SourceError
@@ -22,6 +25,7 @@ from warehouse.store import WarehouseError
 
 app = typer.Typer(help="An orchestrated lab for pretraining Transformers and comparing objectives.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+app.add_typer(data_app, name="data")
 console = Console(stderr=True, soft_wrap=True)
 USER_ERRORS = (ConfigError, SourceError, WarehouseError, FileNotFoundError)
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -30,7 +34,7 @@ SetOption = typer.Option([], "--set", help="Override a config key, e.g. --set tr
 
 
 def fail(message: str, code: int = 2) -> None:
-    console.print(f"[bold red]error:[/bold red] {message}")
+    console.print(f"[bold red]error:[/bold red] {escape(message)}")
     raise typer.Exit(code)
 
 
@@ -62,8 +66,25 @@ def _prepare() -> Workspace:
     return ws
 
 
+def _boot_prefect_server() -> threading.Thread | None:
+    """Start Prefect's temporary API server now, when no server is configured.
+
+    Prefect would start it at the first flow run and wait for it (a uvicorn process, several
+    seconds); started here, it boots on another core while this process imports torch and MLflow.
+    The flow then finds the same instance (`SubprocessASGIServer` is one per port) running.
+    """
+    if os.environ.get("PREFECT_API_URL"):
+        return None
+    from prefect.server.api.server import SubprocessASGIServer
+
+    booting = threading.Thread(target=SubprocessASGIServer().start, name="prefect-server-boot", daemon=True)
+    booting.start()
+    return booting
+
+
 def _execute(config: str, overrides: list[str], flow_name: str = "pretrain-pipeline") -> dict:
     ws = _prepare()
+    booting = _boot_prefect_server()
     from flows.config import load_config
     from tasks.data import source_fingerprint
 
@@ -74,6 +95,8 @@ def _execute(config: str, overrides: list[str], flow_name: str = "pretrain-pipel
         fail(str(exc))
     from flows.pipeline import pretrain_pipeline
 
+    if booting:
+        booting.join()  # the flow must not reach the server before it answers
     console.print(f"[bold]pretrain[/bold] {config}  workspace {ws.root}")
     signal.signal(signal.SIGTERM, _on_sigterm)
     started = time.perf_counter()

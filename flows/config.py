@@ -12,6 +12,8 @@ import yaml
 from model.config import ConfigError, ModelConfig, TrainConfig, load_dataclass
 from model.finetune import METHODS, FinetuneConfig
 from model.objectives import OBJECTIVES
+from warehouse.dedup import NearDupConfig
+from warehouse.quality import QualityConfig
 from warehouse.sources import SourceSpec
 from warehouse.tokenizer import TokenizerConfig
 
@@ -24,17 +26,22 @@ RESERVED_TRAIN_KEYS = {"objective", "model", "data_dir", "out_dir", "specials"}
 class CorpusConfig:
     name: str = "python-docs"
     sources: list[SourceSpec] = field(default_factory=lambda: [SourceSpec(name="python-docs", builtin="python-docs")])
-    path: str = ""  # shortcut for one source: a folder, file or glob of .txt / .md / .jsonl
-    text_field: str = "text"
+    path: str = ""  # shortcut for one source: a folder, file or glob (formats in warehouse/formats.py)
+    text_field: str = "text"  # the JSON field (dotted path) or CSV / Parquet column holding the text
+    format: str = "auto"  # or txt, md, rst, html, jsonl, json, csv, tsv, parquet when the content misleads
+    encoding_errors: str = "reject"  # or "replace": keep undecodable text with U+FFFD
     min_chars: int = 32
     val_frac: float = 0.05
     test_frac: float = 0.05
+    quality: QualityConfig = field(default_factory=QualityConfig)  # C4 / Gopher-style filters at ingest
+    near_dup: NearDupConfig = field(default_factory=NearDupConfig)  # MinHash LSH dedup of each snapshot
 
     def source_specs(self) -> list[SourceSpec]:
         if self.path:
             # Named after the corpus, never after a built-in source it replaces (e.g. in demo.yaml).
             name = self.name if self.name not in {s.builtin for s in self.sources} else "corpus"
-            return [SourceSpec(name=name, path=self.path, text_field=self.text_field)]
+            return [SourceSpec(name=name, path=self.path, text_field=self.text_field, format=self.format,
+                               encoding_errors=self.encoding_errors)]
         return self.sources
 
 

@@ -168,7 +168,13 @@ def load_dataclass(cls: type, data: dict[str, Any] | None, where: str = "") -> A
         if _is_dataclass_type(tp) and isinstance(value, dict):
             value = load_dataclass(tp, value, f"{where}{name}.")
         kwargs[name] = _coerce(value, tp, f"{where}{name}")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except ValueError as exc:  # a dataclass's own check (__post_init__) is a config mistake too
+        prefix = where.rstrip(".") or cls.__name__
+        raise ConfigError(str(exc) if prefix in str(exc) else f"{prefix}: {exc}") from None
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:

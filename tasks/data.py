@@ -14,6 +14,7 @@ from model.data import WORD_STARTS_FILE, save_rows, word_starts
 from model.objectives import get_objective
 from tasks.caching import EVALUATION_ONLY, retry_on_io, stage_cache_key
 from warehouse import store
+from warehouse.builtin_tasks import define_builtin_task
 from warehouse.contamination import snapshot_contamination
 from warehouse.shards import load_split, write_token_shards
 from warehouse.sources import SourceSpec, expand
@@ -55,7 +56,7 @@ def ingest_corpus(db_path: str, sources: list[dict], min_chars: int, fingerprint
 @task(name="downstream-task", cache_key_fn=stage_cache_key("warehouse", skip=EVALUATION_ONLY), **CACHED)
 def define_downstream_task(db_path: str, task_name: str, source: str, n_classes: int, min_chars: int,
                            val_frac: float, test_frac: float, ingest_key: str) -> dict:
-    t = store.define_label_task(db_path, task_name, source, n_classes, min_chars, val_frac, test_frac)
+    t = define_builtin_task(db_path, task_name, source, n_classes, min_chars, val_frac, test_frac)
     return {**asdict(t), "outputs": [db_path]}
 
 

@@ -1,8 +1,11 @@
+import random
+
 import duckdb
 import pytest
 
 from tests.conftest import write_corpus
 from warehouse import store
+from warehouse.builtin_tasks import MAX_WORDS, WORD_ORDER, define_builtin_task, shuffle_windows
 from warehouse.shards import load_split, write_token_shards
 from warehouse.sources import SourceError, SourceSpec
 from warehouse.tokenizer import TokenizerConfig, train_tokenizer
@@ -136,3 +139,39 @@ def test_tokenizer_and_shards_round_trip(builtin_db, tmp_path):
     tok = Tokenizer.from_file(str(tmp_path / "tok.json"))
     first_doc = next(store.iter_texts(db, snap.snapshot_id, "validation"))[0]
     assert tok.decode(tokens[offsets[0]:offsets[1]].tolist()) == first_doc
+
+
+def test_shuffle_windows_keeps_the_words_and_breaks_each_window():
+    words = "the quick brown fox jumps over the lazy dog again and again".split()
+    out = shuffle_windows(words, 4, random.Random(0))
+    assert sorted(out) == sorted(words)
+    for i in range(0, len(words), 4):
+        assert sorted(out[i:i + 4]) == sorted(words[i:i + 4])  # words stay in their window
+        assert out[i:i + 4] != words[i:i + 4]  # and every window with two different words changes
+    assert shuffle_windows(["a", "a", "a"], 4, random.Random(0)) == ["a", "a", "a"]
+
+
+def test_word_order_task_is_balanced_and_its_documents_leave_pretraining(builtin_db):
+    db = builtin_db[0]
+    task = define_builtin_task(db, WORD_ORDER, "python-docs", 8, 80, 0.15, 0.15)
+    assert task.labels == ["original", "shuffled"] and task.counts["total"] > 600
+    assert all(task.counts[s] > 80 for s in ("train", "validation", "test"))
+    labels = [lab for s in ("train", "validation", "test") for lab in store.task_split(db, WORD_ORDER, s)[2]]
+    assert 0.4 < labels.count("shuffled") / len(labels) < 0.6
+    snap = store.create_snapshot(db, "python-docs-wo", ["python-docs"], 0.05, 0.05)
+    with duckdb.connect(str(db), read_only=True) as con:
+        kept = con.execute(
+            """SELECT count(*) FROM snapshot_documents s JOIN task_examples t ON s.doc_id = t.source_doc
+               WHERE s.snapshot_id = ?""", [snap.snapshot_id]).fetchone()[0]
+        rows = con.execute(
+            """SELECT t.label, d.text, o.text FROM task_examples t JOIN documents d USING (doc_id)
+               JOIN documents o ON o.doc_id = t.source_doc WHERE t.task = ?""", [WORD_ORDER]).fetchall()
+    assert len(rows) == task.counts["total"] and kept == 0  # no passage's document is pretraining text
+    for label, text, source in rows:  # the first words of the source document, as written or shuffled
+        first = source.split()[:MAX_WORDS]
+        assert sorted(text.split()) == sorted(first)
+        assert (text == " ".join(first)) == (label == "original")
+    texts, _, names = store.task_split(db, WORD_ORDER, "test")
+    # The same warehouse gives the same task (splits by hash, shuffles seeded by the document).
+    again = define_builtin_task(db, WORD_ORDER, "python-docs", 8, 80, 0.15, 0.15)
+    assert again.counts == task.counts and store.task_split(db, WORD_ORDER, "test") == (texts, None, names)

@@ -1,18 +1,30 @@
-"""Reading sources into raw documents; every input becomes a document or a reject with a reason."""
+"""Reading sources into raw documents; every input becomes a document or a reject with a reason.
+
+This module lists a source's files and dispatches each (see `_read`): compressed files are
+decompressed as a stream, archives are walked member by member, and each file or member goes to its
+format's parser in `formats.py`. Formats come from the content's magic bytes first, then
+`SourceSpec.format`, then the file name, then a look at the text (HTML, JSON, JSON lines).
+"""
 from __future__ import annotations
 
 import glob
-import json
+import io
 import os
 import stat
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
-from warehouse.archives import ARCHIVE_SUFFIXES, archive_kind, members
+from warehouse import archives, formats
+from warehouse.formats import Bad, Doc, Unreadable, short
 
-SUPPORTED = {".txt", ".md", ".jsonl"}
+COMPRESSION_KINDS = frozenset(formats.COMPRESSIONS.values())
+SUPPORTED = set(formats.EXTENSIONS)  # document formats by extension (plus compressed files and archives)
+SUPPORTED_TEXT = " ".join(sorted(SUPPORTED) + sorted(formats.COMPRESSIONS) + list(archives.ARCHIVE_SUFFIXES))
+FORMAT_CHOICES = ("auto", *formats.FORMATS)
+ENCODING_ERRORS = ("reject", "replace")
+VANISHED = "unreadable: vanished (removed after the source was listed)"
 
 
 class SourceError(ValueError):
@@ -24,7 +36,31 @@ class SourceSpec:
     name: str = "corpus"
     path: str = ""  # a file, a folder (read recursively) or a glob
     builtin: str = ""  # "python-docs": the documentation shipped with the interpreter
-    text_field: str = "text"  # for .jsonl: the field holding the text (dotted path for nested)
+    # The field holding the text: a JSON key (dotted path for nested, list indices allowed: "meta.body",
+    # "paragraphs.0"), a CSV / TSV column, a Parquet column (dotted: a struct column's field).
+    text_field: str = "text"
+    format: str = "auto"  # auto (content, then extension) or one of formats.FORMATS for every file
+    max_doc_mb: float = 64.0  # a larger document (a text file, a JSON line, a cell) is rejected unread
+    encoding_errors: str = "reject"  # invalid UTF-8: reject the document, or "replace" with U+FFFD and keep it
+
+    def __post_init__(self) -> None:
+        check(self)
+
+
+def check(spec: SourceSpec) -> None:
+    """A declaration mistake as one SourceError line naming the key to fix."""
+    def where(key: str) -> str:
+        return f"corpus.sources[].{key} of source {spec.name!r}"
+
+    if spec.format not in FORMAT_CHOICES:
+        raise SourceError(f"unknown format {spec.format!r}; valid: {', '.join(FORMAT_CHOICES)} "
+                          f"({where('format')})")
+    if spec.encoding_errors not in ENCODING_ERRORS:
+        raise SourceError(f"unknown encoding_errors {spec.encoding_errors!r}; valid: {', '.join(ENCODING_ERRORS)} "
+                          f"({where('encoding_errors')})")
+    if not isinstance(spec.max_doc_mb, (int, float)) or not spec.max_doc_mb > 0:
+        raise SourceError(f"max_doc_mb must be a positive number of megabytes, got {spec.max_doc_mb!r} "
+                          f"({where('max_doc_mb')})")
 
 
 @dataclass
@@ -84,6 +120,8 @@ def _refusal(path: Path, root: Path | None) -> str | None:
             return f"symlink pointing outside the source folder (to {target})"
     try:
         mode = path.stat().st_mode
+    except FileNotFoundError:
+        return VANISHED
     except OSError as exc:
         return f"unreadable: {exc.strerror or exc}"
     if stat.S_ISDIR(mode):
@@ -93,78 +131,107 @@ def _refusal(path: Path, root: Path | None) -> str | None:
     return None
 
 
-def _field(obj, dotted: str):
-    for part in dotted.split("."):
-        if not isinstance(obj, dict) or part not in obj:
-            return None
-        obj = obj[part]
-    return obj
-
-
 def read_file(spec: SourceSpec, path: Path) -> Iterator[RawDoc | Reject]:
+    """The documents of one file (several for a record format or an archive), or the rejects."""
+    check(spec)
     name = str(path)
     folder = Path(spec.path).expanduser() if spec.path else None
     refusal = _refusal(path, folder if folder is not None and folder.is_dir() else None)
     if refusal:
         yield Reject(spec.name, name, refusal)
         return
-    kind = archive_kind(path.name)
-    if path.suffix.lower() not in SUPPORTED and kind is None:
-        yield Reject(spec.name, name, f"unsupported format {path.suffix or '(no extension)'}; supported: "
-                     f"{', '.join(sorted(SUPPORTED) + list(ARCHIVE_SUFFIXES))}")
-        return
     try:
-        data = path.read_bytes()
+        f = open(path, "rb", buffering=formats.BUFFER)
+    except FileNotFoundError:
+        yield Reject(spec.name, name, VANISHED)
+        return
     except OSError as exc:
         yield Reject(spec.name, name, f"unreadable: {exc.strerror or exc}")
         return
-    if kind is None:
-        yield from parse(spec, name, path.suffix.lower(), data)
-        return
-    for member, content, reason in members(data, kind):
-        where = f"{name}!{member}" if member else name
-        if reason:
-            yield Reject(spec.name, where, reason)
-        elif PurePosixPath(member).suffix.lower() not in SUPPORTED:
-            yield Reject(spec.name, where, f"unsupported format {PurePosixPath(member).suffix or '(no extension)'}")
-        else:
-            yield from parse(spec, where, PurePosixPath(member).suffix.lower(), content)
+    with f:
+        items = _read(spec, name, path.name, f, os.fstat(f.fileno()).st_size, name, False, False)
+        for item in _guarded(name, items):
+            if isinstance(item, Doc):
+                yield RawDoc(spec.name, item.where, item.text)
+            else:
+                yield Reject(spec.name, item.where, item.reason)
 
 
-def parse(spec: SourceSpec, name: str, suffix: str, data: bytes) -> Iterator[RawDoc | Reject]:
-    """The documents in one file's bytes (.txt / .md: the whole text; .jsonl: a field per line)."""
-    if b"\x00" in data:
-        yield Reject(spec.name, name, "binary content (NUL bytes)")
-        return
+def _guarded(where: str, items: Iterator[Doc | Bad]) -> Iterator[Doc | Bad]:
+    """A stream failing part-way becomes a reject of its file or member (after the documents before it)."""
     try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        yield Reject(spec.name, name, f"undecodable as UTF-8 at byte {exc.start}")
+        yield from items
+    except Unreadable as exc:
+        yield Bad(where, exc.reason)
+    except OSError as exc:
+        yield Bad(where, f"unreadable: {exc.strerror or short(exc)}")
+
+
+def _read(spec: SourceSpec, where: str, filename: str, stream: BinaryIO, size: int | None, file: str | None,
+          in_archive: bool, decompressed: bool, claimed: str | None = None) -> Iterator[Doc | Bad]:
+    """Dispatch one stream: the content's magic bytes first (compression, archive, Parquet), then the
+    explicit `format`, then the name, then a look at the text. `filename` is the base name the format is
+    read from; `claimed`: a compression the name promised but the content lacked."""
+    head = stream.peek(formats.BUFFER)[:formats.BUFFER]
+    kind, named = formats.sniff(head), formats.format_of(filename)
+    if kind in COMPRESSION_KINDS:
+        if decompressed:
+            yield Bad(where, "nested compression (not read)")
+            return
+        limit = archives.decompression_limit(size, in_archive)
+        inner = formats.buffered(formats.decompressor(stream, kind), limit, f"corrupt {kind} data",
+                                 archives.bomb(limit))
+        yield from _read(spec, where, formats.strip_compression(filename), inner, None, None, in_archive, True)
         return
-    if suffix != ".jsonl":
-        yield RawDoc(spec.name, name, text)
+    if kind in ("zip", "tar") or (kind is None and named in ("zip", "tar")):
+        if in_archive:
+            yield Bad(where, "nested archive (not read)")
+            return
+        yield from _read_archive(spec, where, kind or named, stream)
         return
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
+    if named in COMPRESSION_KINDS:  # not compressed after all (e.g. saved already decompressed): read what is inside
+        yield from _read(spec, where, formats.strip_compression(filename), stream, size, file, in_archive, decompressed,
+                         named)
+        return
+    if spec.format != "auto":
+        fmt = spec.format
+    elif kind == "parquet" or named in formats.FORMATS:
+        fmt = kind or named
+    else:
+        fmt = formats.sniff_text(head)
+    if fmt is None:
+        yield Bad(where, _unknown(filename, head, claimed))
+        return
+    yield from formats.parse(spec, where, fmt, stream, size, file)
+
+
+def _unknown(filename: str, head: bytes, claimed: str | None) -> str:
+    if claimed:
+        return f"corrupt {claimed} data (no {claimed} header)"
+    suffix = PurePosixPath(filename).suffix
+    if not suffix and b"\x00" in head:
+        return "binary content (NUL bytes; no extension and not a known format)"
+    return f"unsupported format {suffix or '(no extension)'}; supported: {SUPPORTED_TEXT}"
+
+
+def _read_archive(spec: SourceSpec, where: str, kind: str, stream: BinaryIO) -> Iterator[Doc | Bad]:
+    if kind == "zip" and not stream.seekable():  # a zip inside a compressed file: random access needs memory
+        data = formats.read_whole(stream, None, archives.MAX_MEMBER_BYTES)
+        if data is None:
+            yield Bad(where, f"zip archive larger than {archives.MAX_MEMBER_BYTES >> 20} MiB inside a compressed "
+                             "file (not read)")
+            return
+        stream = io.BytesIO(data)
+    n = 0
+    for n, member in enumerate(archives.members(stream, kind), 1):
+        at = f"{where}!{member.name}" if member.name else where
+        if member.reason:
+            yield Bad(at, member.reason)
             continue
-        where = f"{name}:{lineno}"
-        try:
-            value = _field(json.loads(line), spec.text_field)
-        except json.JSONDecodeError as exc:
-            yield Reject(spec.name, where, f"malformed JSON: {exc.msg}")
-            continue
-        except RecursionError:
-            yield Reject(spec.name, where, "malformed JSON: nested too deeply")
-            continue
-        if not isinstance(value, str):
-            yield Reject(spec.name, where, f"no string field {spec.text_field!r}")
-            continue
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:  # JSON may escape lone surrogates ("\ud800") that no text can hold
-            yield Reject(spec.name, where, "invalid Unicode (a lone surrogate escape)")
-            continue
-        yield RawDoc(spec.name, where, value)
+        basename = PurePosixPath(member.name).name
+        yield from _guarded(at, _read(spec, at, basename, member.stream, member.size, None, True, False))
+    if n == 0:  # folders only, or nothing: still accounted for
+        yield Bad(where, "empty archive (no files in it)")
 
 
 def read_source(spec: SourceSpec) -> Iterator[RawDoc | Reject]:
