@@ -92,6 +92,8 @@ def _execute(config: str, overrides: list[str], flow_name: str = "pretrain-pipel
         cfg = load_config(config, overrides)
         source_fingerprint([s.__dict__ for s in cfg.corpus.source_specs()])
     except USER_ERRORS as exc:
+        # The early server is stopped at exit; its "Stopping temporary server" line would be a second line.
+        logging.getLogger("prefect").setLevel(logging.WARNING)
         fail(str(exc))
     from flows.pipeline import pretrain_pipeline
 
@@ -328,6 +330,8 @@ def serve(
     try:
         load_config(config, set_)
     except USER_ERRORS as exc:
+        # The early server is stopped at exit; its "Stopping temporary server" line would be a second line.
+        logging.getLogger("prefect").setLevel(logging.WARNING)
         fail(str(exc))
     from flows.pipeline import pretrain_pipeline
 

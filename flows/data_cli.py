@@ -22,6 +22,8 @@ from rich.text import Text
 
 from tasks.workspace import Workspace, configure_environment
 from warehouse import catalog, store
+from warehouse.dedup import NearDupConfig
+from warehouse.quality import QualityConfig
 from warehouse.sources import SourceError
 from warehouse.store import SPLITS, WarehouseError
 
@@ -137,6 +139,8 @@ def ingest(
     snapshot: Optional[str] = typer.Option(None, "--snapshot", help="Snapshot name (default: the source names)."),
     val_frac: float = typer.Option(0.05, "--val-frac", min=0.0, max=0.5, help="Share of documents in validation."),
     test_frac: float = typer.Option(0.05, "--test-frac", min=0.0, max=0.5, help="Share of documents in test."),
+    quality: bool = typer.Option(True, "--quality/--no-quality", help="Apply the default quality filters."),
+    near_dup: bool = typer.Option(True, "--near-dup/--no-near-dup", help="Drop near-duplicates from the snapshot (MinHash)."),
 ) -> None:
     """Read declared sources into the warehouse and snapshot them (same data -> same snapshot id)."""
     db = _db()
@@ -144,7 +148,7 @@ def ingest(
     before = {s.snapshot_id for s in catalog.list_snapshots(db)} if db.exists() else set()
     err = Console(stderr=True)
     with err.status(f"ingesting {', '.join(s.name for s in specs)} ..."):
-        report = store.ingest(db, specs, min_chars)
+        report = store.ingest(db, specs, min_chars, quality=QualityConfig(enabled=quality))
     out = _out()
     table = Table(_r("inputs"), _r("documents"), _r("new"), _r("rejects"), title="ingest", title_justify="left")
     table.add_row(_n(report.n_inputs), _n(report.n_documents), _n(report.n_new), _n(report.n_rejects))
@@ -158,7 +162,9 @@ def ingest(
     if report.n_new == 0:
         out.print("[yellow]no new documents[/yellow]: every text was already in the warehouse")
     name = snapshot or "+".join(s.name for s in specs)
-    info = store.create_snapshot(db, name, [s.name for s in specs], val_frac, test_frac)
+    with err.status("snapshot: near-duplicates ..." if near_dup else "snapshot ..."):
+        info = store.create_snapshot(db, name, [s.name for s in specs], val_frac, test_frac,
+                                     NearDupConfig(enabled=near_dup))
     again = " (unchanged: the same documents as before)" if info.snapshot_id in before else ""
     splits = ", ".join(f"{s} {_n(info.splits[s])}" for s in SPLITS)
     out.print(f"snapshot [bold green]{info.snapshot_id}[/bold green] {escape(info.name)}: "

@@ -190,7 +190,7 @@ def _prepare(cfg, db: str, ws, stages: Stages, has_task: bool) -> dict:
         ingest_sources.append(asdict(SourceSpec(name=d.source, builtin="python-docs")))
     fingerprint = source_fingerprint(ingest_sources)
     ingest, cached = run_stage(ingest_corpus, db_path=db, sources=ingest_sources, min_chars=cfg.corpus.min_chars,
-                               fingerprint=fingerprint)
+                               quality=asdict(cfg.corpus.quality), fingerprint=fingerprint)
     stages.done("ingest", cached, f"{ingest['n_documents']:,} documents, {ingest['n_rejects']} rejects")
     upstream = config_hash(fingerprint)
 
@@ -210,7 +210,8 @@ def _prepare(cfg, db: str, ws, stages: Stages, has_task: bool) -> dict:
 
     snap, cached = run_stage(snapshot_corpus, db_path=db, name=cfg.corpus.name,
                              sources=[s["name"] for s in sources], val_frac=cfg.corpus.val_frac,
-                             test_frac=cfg.corpus.test_frac, upstream_key=config_hash([upstream, task]))
+                             test_frac=cfg.corpus.test_frac, near_dup=asdict(cfg.corpus.near_dup),
+                             upstream_key=config_hash([upstream, task]))
     stages.done("snapshot + split", cached, f"{snap['snapshot_id']}: {snap['splits']}")
     snapshot_id = snap["snapshot_id"]
 

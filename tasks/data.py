@@ -16,6 +16,8 @@ from tasks.caching import EVALUATION_ONLY, retry_on_io, stage_cache_key
 from warehouse import store
 from warehouse.builtin_tasks import define_builtin_task
 from warehouse.contamination import snapshot_contamination
+from warehouse.dedup import NearDupConfig
+from warehouse.quality import QualityConfig
 from warehouse.shards import load_split, write_token_shards
 from warehouse.sources import SourceSpec, expand
 from warehouse.task_files import TaskFileSpec, load_task_file
@@ -48,8 +50,8 @@ def _stat(path: Path) -> list:
 
 @task(name="ingest", cache_key_fn=stage_cache_key("warehouse", skip=EVALUATION_ONLY), retries=2, retry_delay_seconds=2,
       retry_condition_fn=retry_on_io, **CACHED)
-def ingest_corpus(db_path: str, sources: list[dict], min_chars: int, fingerprint: list) -> dict:
-    report = store.ingest(db_path, [SourceSpec(**s) for s in sources], min_chars)
+def ingest_corpus(db_path: str, sources: list[dict], min_chars: int, quality: dict, fingerprint: list) -> dict:
+    report = store.ingest(db_path, [SourceSpec(**s) for s in sources], min_chars, quality=QualityConfig(**quality))
     return {**asdict(report), "outputs": [db_path]}
 
 
@@ -90,8 +92,8 @@ def check_contamination(db_path: str, snapshot_id: str, task_name: str, n: int, 
 
 @task(name="snapshot", cache_key_fn=stage_cache_key("warehouse", skip=EVALUATION_ONLY), **CACHED)
 def snapshot_corpus(db_path: str, name: str, sources: list[str], val_frac: float, test_frac: float,
-                    upstream_key: str) -> dict:
-    info = store.create_snapshot(db_path, name, sources, val_frac, test_frac)
+                    near_dup: dict, upstream_key: str) -> dict:
+    info = store.create_snapshot(db_path, name, sources, val_frac, test_frac, NearDupConfig(**near_dup))
     return {**asdict(info), "outputs": [db_path]}
 
 

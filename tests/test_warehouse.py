@@ -6,6 +6,8 @@ import pytest
 from tests.conftest import write_corpus
 from warehouse import store
 from warehouse.builtin_tasks import MAX_WORDS, WORD_ORDER, define_builtin_task, shuffle_windows
+from warehouse.dedup import NearDupConfig
+from warehouse.quality import QualityConfig
 from warehouse.shards import load_split, write_token_shards
 from warehouse.sources import SourceError, SourceSpec
 from warehouse.tokenizer import TokenizerConfig, train_tokenizer
@@ -175,3 +177,39 @@ def test_word_order_task_is_balanced_and_its_documents_leave_pretraining(builtin
     # The same warehouse gives the same task (splits by hash, shuffles seeded by the document).
     again = define_builtin_task(db, WORD_ORDER, "python-docs", 8, 80, 0.15, 0.15)
     assert again.counts == task.counts and store.task_split(db, WORD_ORDER, "test") == (texts, None, names)
+
+
+def test_quality_filters_reject_junk_at_ingest_with_the_key_to_change(tmp_path):
+    corpus = write_corpus(tmp_path / "c", 12)
+    (corpus / "symbols.txt").write_text("# ## ### #### ... " * 40)
+    (corpus / "footer.txt").write_text("All rights reserved.\nPrivacy policy\nTerms of use\nHome page text here\n")
+    db = tmp_path / "w.duckdb"
+    report = store.ingest(db, [SourceSpec(name="c", path=str(corpus))], quality=QualityConfig())
+    with duckdb.connect(str(db), read_only=True) as con:
+        reasons = dict(con.execute("SELECT regexp_extract(path, '[^/]+$'), reason FROM rejects").fetchall())
+    assert reasons["symbols.txt"].startswith("quality: ") and "corpus.quality." in reasons["symbols.txt"]
+    assert reasons["footer.txt"].startswith("quality: boilerplate_lines")
+    assert report.reject_reasons == {"quality": 2}
+    assert report.n_inputs == report.n_documents + report.n_duplicates + report.n_rejects
+    # Switched off, the same files are documents.
+    off = store.ingest(tmp_path / "off.duckdb", [SourceSpec(name="c", path=str(corpus))],
+                       quality=QualityConfig(enabled=False))
+    assert off.n_rejects == 0 and off.n_documents == report.n_documents + 2
+
+
+def test_near_duplicates_leave_the_snapshot_and_are_recorded(tmp_path):
+    corpus = write_corpus(tmp_path / "c", 12)
+    base = (corpus / "doc0.txt").read_text()
+    (corpus / "doc0-copy.txt").write_text(base.replace(".", "!", 1))  # one character changed
+    db = tmp_path / "w.duckdb"
+    store.ingest(db, [SourceSpec(name="c", path=str(corpus))])
+    plain = store.create_snapshot(db, "c", ["c"], 0.1, 0.1)
+    deduped = store.create_snapshot(db, "c", ["c"], 0.1, 0.1, NearDupConfig())
+    assert deduped.n_documents == plain.n_documents - 1 and deduped.snapshot_id != plain.snapshot_id
+    with duckdb.connect(str(db), read_only=True) as con:
+        pairs = con.execute("SELECT doc_id, duplicate_of, jaccard FROM snapshot_near_duplicates WHERE snapshot_id = ?",
+                            [deduped.snapshot_id]).fetchall()
+    (dropped, kept, jaccard), = pairs
+    assert {dropped, kept} == {store.doc_id(base), store.doc_id(base.replace(".", "!", 1))}
+    assert kept < dropped and jaccard >= 0.8  # the smallest id is the one kept
+    assert store.create_snapshot(db, "c", ["c"], 0.1, 0.1, NearDupConfig()).snapshot_id == deduped.snapshot_id

@@ -5,20 +5,32 @@ function holds its connection only for its own work.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
+import itertools
 import json
+import multiprocessing
+import os
 import re
+import sys
+import threading
+import time
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 
-from warehouse.sources import Reject, SourceSpec, normalize, read_source
+from warehouse.dedup import NearDupConfig, near_duplicates
+from warehouse.quality import QualityConfig
+from warehouse.quality import check as quality_check
+from warehouse.sources import RawDoc, Reject, SourceSpec, normalize, read_source
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS documents (
@@ -34,12 +46,16 @@ CREATE TABLE IF NOT EXISTS snapshots (
     snapshot_id VARCHAR PRIMARY KEY, name VARCHAR, created_at TIMESTAMP, n_documents BIGINT,
     n_chars BIGINT, spec VARCHAR);
 CREATE TABLE IF NOT EXISTS snapshot_documents (snapshot_id VARCHAR, doc_id VARCHAR, split VARCHAR);
+CREATE TABLE IF NOT EXISTS snapshot_near_duplicates (
+    snapshot_id VARCHAR, doc_id VARCHAR, duplicate_of VARCHAR, jaccard DOUBLE);
 CREATE TABLE IF NOT EXISTS task_examples (
-    task VARCHAR, doc_id VARCHAR, label VARCHAR, split VARCHAR, text_pair VARCHAR, PRIMARY KEY (task, doc_id));
+    task VARCHAR, doc_id VARCHAR, label VARCHAR, split VARCHAR, text_pair VARCHAR, source_doc VARCHAR,
+    PRIMARY KEY (task, doc_id));
 """
 # Migrations for a warehouse created by an older SCHEMA (each is a no-op on a current one).
 MIGRATIONS = """
 ALTER TABLE task_examples ADD COLUMN IF NOT EXISTS text_pair VARCHAR;
+ALTER TABLE task_examples ADD COLUMN IF NOT EXISTS source_doc VARCHAR;
 """
 SPLITS = ("train", "validation", "test")
 
@@ -82,73 +98,241 @@ def assign_split(key: str, salt: str, val_frac: float, test_frac: float) -> str:
     return "validation" if u < val_frac else "test" if u < val_frac + test_frac else "train"
 
 
+# An ingest commits every batch of this many documents or characters, whichever comes first: memory
+# stays flat in the corpus size, and a killed ingest loses at most one batch (the next run redoes it).
+BATCH_DOCS = 20_000
+BATCH_CHARS = 64 * 2**20
+# Cleaning (sources.normalize, pure Python) is the slowest step of an ingest, so once a corpus has
+# shown it is big, its texts are cleaned in worker processes, CHUNK_CHARS at a time.
+POOL_AFTER_CHARS = 16 * 2**20
+CHUNK_CHARS, CHUNK_ITEMS = 2**20, 1024
+
+
 @dataclass
 class IngestReport:
-    n_inputs: int = 0
-    n_documents: int = 0
-    n_new: int = 0
+    n_inputs: int = 0  # files, archive members and .jsonl lines read: each is a document, a duplicate or a reject
+    n_documents: int = 0  # distinct texts among the inputs
+    n_new: int = 0  # documents the warehouse did not hold before
     n_rejects: int = 0
-    reject_reasons: dict[str, int] = field(default_factory=dict)
+    reject_reasons: dict[str, int] = field(default_factory=dict)  # reason category -> inputs
+    n_duplicates: int = 0  # inputs whose text equals an earlier input's in this ingest (lineage keeps both paths)
 
 
-def ingest(db_path: str | Path, sources: list[SourceSpec], min_chars: int = 32) -> IngestReport:
-    """Read every source into the warehouse. Idempotent: documents are keyed by content hash."""
+def reason_category(reason: str) -> str:
+    """The words before ":" or " (": "unreadable: Permission denied" -> "unreadable"."""
+    return reason.split(":")[0].split(" (")[0]
+
+
+class _SeenIds:
+    """The content hashes met so far in one ingest, as a sorted array of their 64-bit prefixes.
+
+    8 bytes a document instead of a Python set's ~80; two different texts share a prefix with
+    probability ~n^2 / 2^65 (1e-7 at two million documents), and then only the counts are off by one.
+    """
+
+    def __init__(self) -> None:
+        self.keys = np.empty(0, dtype=np.uint64)
+
+    def add(self, ids: list[str]) -> int:
+        """Adds distinct hex ids; returns how many of them were already there."""
+        new = np.fromiter((int(d[:16], 16) for d in ids), dtype=np.uint64, count=len(ids))
+        pos = np.searchsorted(self.keys, new)
+        found = np.zeros(len(new), dtype=bool)
+        inside = pos < len(self.keys)
+        found[inside] = self.keys[pos[inside]] == new[inside]
+        # Two sorted runs: the stable sort (timsort) merges them in linear time.
+        self.keys = np.sort(np.concatenate([self.keys, np.sort(new[~found])]), kind="stable")
+        return int(found.sum())
+
+
+@dataclass
+class _Batch:
+    docs: dict[str, str] = field(default_factory=dict)  # doc_id -> text, its first input in the batch
+    prov: dict[tuple[str, str, str], str] = field(default_factory=dict)  # (doc_id, source, path) -> label
+    rejects: dict[tuple[str, str, str], None] = field(default_factory=dict)  # (source, path, reason)
+    n_chars: int = 0
+    n_duplicates: int = 0  # inputs repeating a text already in `docs`
+
+    def full(self, batch_docs: int, batch_chars: int) -> bool:
+        return len(self.prov) + len(self.rejects) >= batch_docs or self.n_chars >= batch_chars
+
+
+def _write_batch(con: duckdb.DuckDBPyConnection, batch: _Batch, seen: _SeenIds, now: datetime,
+                 report: IngestReport) -> None:
+    """One transaction: the batch's documents, lineage and rejects; INSERT OR IGNORE makes a re-run a no-op."""
+    if not (batch.prov or batch.rejects):
+        return
+    earlier = seen.add(list(batch.docs))  # texts an earlier batch of this ingest already had
+    report.n_documents += len(batch.docs) - earlier
+    report.n_duplicates += batch.n_duplicates + earlier
+    con.begin()
+    con.register("new_documents", pa.table(
+        {"doc_id": list(batch.docs), "text": list(batch.docs.values()),
+         "n_chars": [len(t) for t in batch.docs.values()], "first_seen": [now] * len(batch.docs)}))
+    report.n_new += con.execute("INSERT OR IGNORE INTO documents SELECT * FROM new_documents").fetchone()[0]
+    con.register("new_provenance", pa.table(
+        {"doc_id": [k[0] for k in batch.prov], "source": [k[1] for k in batch.prov],
+         "path": [k[2] for k in batch.prov], "label": list(batch.prov.values())}))
+    con.execute("INSERT OR IGNORE INTO provenance SELECT * FROM new_provenance")
+    con.register("new_rejects", pa.table(
+        {"source": [k[0] for k in batch.rejects], "path": [k[1] for k in batch.rejects],
+         "reason": [k[2] for k in batch.rejects], "seen": [now] * len(batch.rejects)}))
+    con.execute("INSERT OR IGNORE INTO rejects SELECT * FROM new_rejects")
+    con.commit()
+    for name in ("new_documents", "new_provenance", "new_rejects"):
+        con.unregister(name)  # lets the batch's Arrow buffers go
+
+
+class _Cleaned(NamedTuple):
+    source: str  # the source declaration that read it
+    item_source: str
+    path: str
+    label: str
+    text: str  # normalized; "" for a reject
+    doc_id: str  # "" for a reject
+    reason: str  # why it is a reject; "" for a document
+
+
+def _clean(texts: list[str], min_chars: int, quality: QualityConfig | None = None) -> list[tuple[str, str, str]]:
+    """(text, doc_id, "") of each raw text that makes a document, ("", "", reason) of the others."""
+    out = []
+    for raw in texts:
+        text = normalize(raw)
+        if not text:
+            out.append(("", "", "empty after cleaning"))
+        elif len(text) < min_chars:
+            out.append(("", "", f"too short (< {min_chars} characters; corpus.min_chars)"))
+        elif quality is not None and (reason := quality_check(text, quality)):
+            out.append(("", "", reason))
+        else:
+            out.append((text, doc_id(text), ""))
+    return out
+
+
+def _exit_when_orphaned() -> None:
+    """Worker initializer: a worker whose ingest was killed (SIGKILL) exits instead of waiting forever."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _pool(workers: int) -> ProcessPoolExecutor:
+    """Worker processes for `_clean`. Forked on Linux: nothing to import, and a caller's script needs no
+    `if __name__ == "__main__"` guard (the workers touch no DuckDB, tokenizers or thread state)."""
+    context = multiprocessing.get_context("fork" if sys.platform == "linux" else None)
+    return ProcessPoolExecutor(workers, mp_context=context, initializer=_exit_when_orphaned)
+
+
+def _cleaned(items: Iterator[tuple[str, RawDoc | Reject]], min_chars: int, workers: int,
+             quality: QualityConfig | None = None) -> Iterator[_Cleaned]:
+    """Every (source name, input), cleaned, in order. Past POOL_AFTER_CHARS of raw text the chunks go
+    to `workers` processes, at most two a worker in flight, so memory stays bounded."""
+    pool: ProcessPoolExecutor | None = None
+    in_flight: collections.deque = collections.deque()  # (chunk's inputs without their texts, future)
+    chunk: list[tuple[str, RawDoc | Reject]] = []
+    chunk_chars = read_chars = 0
+
+    def results(inputs: list[tuple], cleaned: list[tuple[str, str, str]]) -> Iterator[_Cleaned]:
+        texts = iter(cleaned)
+        for name, source, path, label, reason in inputs:
+            text, did, reason = ("", "", reason) if reason else next(texts)
+            yield _Cleaned(name, source, path, label, text, did, reason)
+
+    def dispatch(chunk: list[tuple[str, RawDoc | Reject]]) -> Iterator[_Cleaned]:
+        nonlocal pool
+        inputs = [(name, item.source, item.path, getattr(item, "label", ""), getattr(item, "reason", ""))
+                  for name, item in chunk]
+        texts = [item.text for _, item in chunk if not isinstance(item, Reject)]
+        if pool is None and workers > 1 and read_chars >= POOL_AFTER_CHARS:
+            pool = _pool(workers)
+        if pool is None:
+            yield from results(inputs, _clean(texts, min_chars, quality))
+            return
+        in_flight.append((inputs, pool.submit(_clean, texts, min_chars, quality)))
+        while len(in_flight) > 2 * workers:
+            inputs, future = in_flight.popleft()
+            yield from results(inputs, future.result())
+
+    try:
+        for name, item in items:
+            chunk.append((name, item))
+            if not isinstance(item, Reject):
+                chunk_chars += len(item.text)
+                read_chars += len(item.text)
+            if chunk_chars >= CHUNK_CHARS or len(chunk) >= CHUNK_ITEMS:
+                yield from dispatch(chunk)
+                chunk, chunk_chars = [], 0
+        yield from dispatch(chunk)
+        while in_flight:
+            inputs, future = in_flight.popleft()
+            yield from results(inputs, future.result())
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+
+
+def _primed(items: Iterator) -> Iterator:
+    """Starts a source's reader, so that a declaration mistake (a missing path) fails before any write."""
+    first = next(items, None)
+    return items if first is None else itertools.chain([first], items)
+
+
+def ingest(db_path: str | Path, sources: list[SourceSpec], min_chars: int = 32,
+           batch_docs: int = BATCH_DOCS, batch_chars: int = BATCH_CHARS, workers: int | None = None,
+           quality: QualityConfig | None = None) -> IngestReport:
+    """Reads every source into the warehouse, streaming, one committed batch at a time.
+
+    Idempotent: documents are keyed by content hash and every row is INSERT OR IGNORE, so the run
+    after a killed one completes the work. The `ingests` row, the record of a finished ingest, is
+    written last. One connection for the whole run: a second writer is refused with a clear error.
+    `workers`: processes that clean texts of a big corpus (default: the CPUs this process may use).
+    `quality`: the document filters (warehouse.quality); a document that fails one is a reject.
+    """
     now = datetime.now(timezone.utc).replace(tzinfo=None)
-    docs: dict[str, str] = {}
-    prov: dict[tuple[str, str, str], str] = {}
-    rejects: dict[tuple[str, str, str], None] = {}
+    readers = [(spec.name, _primed(read_source(spec))) for spec in sources]
+    workers = workers or len(os.sched_getaffinity(0))
     report = IngestReport()
-    per_source: dict[str, Counter] = {spec.name: Counter() for spec in sources}
-    for spec in sources:
-        for item in read_source(spec):
-            report.n_inputs += 1
-            per_source[spec.name]["inputs"] += 1
-            if isinstance(item, Reject):
-                rejects[(item.source, item.path, item.reason)] = None
-                continue
-            text = normalize(item.text)
-            if not text:
-                rejects[(item.source, item.path, "empty after cleaning")] = None
-                continue
-            if len(text) < min_chars:
-                rejects[(item.source, item.path, f"too short (< {min_chars} characters; corpus.min_chars)")] = None
-                continue
-            did = doc_id(text)
-            docs[did] = text
-            per_source[spec.name]["documents"] += 1
-            prov[(did, item.source, item.path)] = item.label
-    report.n_documents = len(docs)
-    report.n_rejects = len(rejects)
-    report.reject_reasons = dict(Counter(r.split(":")[0].split(" (")[0] for (_, _, r) in rejects))
+    inputs: Counter = Counter()  # source -> inputs read
+    accepted: Counter = Counter()  # source -> inputs that gave a document (or repeated one)
+    rejected: dict[str, Counter] = {spec.name: Counter() for spec in sources}  # source -> reason category -> n
     with connect(db_path) as con:
-        con.begin()
-        # One transaction: a crash anywhere before the commit leaves the warehouse as it was.
-        con.register("new_documents", pa.table(
-            {"doc_id": list(docs), "text": list(docs.values()),
-             "n_chars": [len(t) for t in docs.values()], "first_seen": [now] * len(docs)}))
-        before = con.execute("SELECT count(*) FROM documents").fetchall()[0][0]
-        con.execute("INSERT OR IGNORE INTO documents SELECT * FROM new_documents")
-        report.n_new = con.execute("SELECT count(*) FROM documents").fetchall()[0][0] - before
-        con.register("new_provenance", pa.table(
-            {"doc_id": [k[0] for k in prov], "source": [k[1] for k in prov],
-             "path": [k[2] for k in prov], "label": list(prov.values())}))
-        con.execute("INSERT OR IGNORE INTO provenance SELECT * FROM new_provenance")
-        con.register("new_rejects", pa.table(
-            {"source": [k[0] for k in rejects], "path": [k[1] for k in rejects],
-             "reason": [k[2] for k in rejects], "seen": [now] * len(rejects)}))
-        con.execute("INSERT OR IGNORE INTO rejects SELECT * FROM new_rejects")
+        seen, batch = _SeenIds(), _Batch()
+        items = ((name, item) for name, reader in readers for item in reader)
+        for c in _cleaned(items, min_chars, workers, quality):
+            inputs[c.source] += 1
+            if c.reason:
+                batch.rejects[(c.item_source, c.path, c.reason)] = None
+                rejected[c.source][reason_category(c.reason)] += 1
+            else:
+                if c.doc_id in batch.docs:
+                    batch.n_duplicates += 1
+                else:
+                    batch.docs[c.doc_id] = c.text
+                    batch.n_chars += len(c.text)
+                batch.prov[(c.doc_id, c.item_source, c.path)] = c.label
+                accepted[c.source] += 1
+            if batch.full(batch_docs, batch_chars):
+                _write_batch(con, batch, seen, now, report)
+                batch = _Batch()
+        _write_batch(con, batch, seen, now, report)
+        reasons = sum(rejected.values(), Counter())
+        report.n_inputs, report.n_rejects = sum(inputs.values()), sum(reasons.values())
+        report.reject_reasons = dict(reasons)
         spec_json = json.dumps([asdict(s) for s in sources], sort_keys=True)
         con.execute("INSERT INTO ingests VALUES (?, ?, ?, ?, ?, ?, ?)",
                     [hashlib.sha256(spec_json.encode()).hexdigest()[:16], spec_json, now,
                      report.n_inputs, report.n_documents, report.n_new, report.n_rejects])
-        con.commit()
     del con  # a traceback must not keep a DuckDB object alive (its bindings report leaks at exit)
-    for name, n in per_source.items():
-        if n["documents"] == 0:
-            reasons = Counter(r.split(":")[0].split(" (")[0] for (src, _, r) in rejects if src == name)
-            why = ", ".join(f"{k} {r}" for r, k in reasons.items()) or "no input files"
-            raise WarehouseError(f"the corpus is empty: {n['inputs']} inputs gave no documents ({why}); "
-                                 f"point source {name!r} at .txt / .md / .jsonl files with text")
+    for spec in sources:
+        if accepted[spec.name] == 0:
+            why = ", ".join(f"{k} {r}" for r, k in rejected[spec.name].items()) or "no input files"
+            raise WarehouseError(f"the corpus is empty: {inputs[spec.name]} inputs gave no documents ({why}); "
+                                 f"point source {spec.name!r} at .txt / .md / .jsonl files with text")
     return report
 
 
@@ -200,10 +384,14 @@ class SnapshotInfo:
     splits: dict[str, int]
 
 
-def create_snapshot(db_path: str | Path, name: str, sources: list[str], val_frac: float, test_frac: float) -> SnapshotInfo:
-    """The immutable pretraining document set of `sources`, minus every downstream-task document.
+def create_snapshot(db_path: str | Path, name: str, sources: list[str], val_frac: float, test_frac: float,
+                    near_dup: NearDupConfig | None = None) -> SnapshotInfo:
+    """The immutable pretraining document set of `sources`, minus every downstream-task document
+    and, with `near_dup`, minus near-duplicates (recorded in `snapshot_near_duplicates`).
 
-    Its id hashes the member documents and the split rule, so the same data gives the same id.
+    Its id hashes the member documents, the split rule and the dedup settings, so the same data
+    gives the same id.
+    A document a task example was derived from (`source_doc`, e.g. a shuffled passage) is left out too.
     The doc_id of a text-pair example hashes both its texts (see warehouse.task_files), so a corpus
     document equal to either text is excluded by that text's own content hash.
     """
@@ -212,6 +400,7 @@ def create_snapshot(db_path: str | Path, name: str, sources: list[str], val_frac
         ids = [r[0] for r in con.execute(
             f"""SELECT DISTINCT doc_id FROM provenance WHERE source IN ({placeholders})
                 AND doc_id NOT IN (SELECT doc_id FROM task_examples)
+                AND doc_id NOT IN (SELECT source_doc FROM task_examples WHERE source_doc IS NOT NULL)
                 AND doc_id NOT IN (
                     SELECT sha256(d.text) FROM task_examples t JOIN documents d USING (doc_id)
                     WHERE t.text_pair IS NOT NULL
@@ -220,8 +409,15 @@ def create_snapshot(db_path: str | Path, name: str, sources: list[str], val_frac
     del con
     if not ids:
         raise WarehouseError(f"no pretraining documents in sources {sources}; ingest them first")
+    dropped = []
+    if near_dup is not None and near_dup.enabled:
+        dropped = near_duplicates(_texts_of(db_path, ids), near_dup)
+        gone = {d.doc_id for d in dropped}
+        ids = [d for d in ids if d not in gone]
     with connect(db_path) as con:
         spec = {"sources": sorted(sources), "val_frac": val_frac, "test_frac": test_frac, "split_salt": "pretrain"}
+        if near_dup is not None and near_dup.enabled:
+            spec["near_dup"] = asdict(near_dup)
         h = hashlib.sha256(json.dumps(spec, sort_keys=True).encode())
         for d in ids:
             h.update(d.encode())
@@ -236,8 +432,22 @@ def create_snapshot(db_path: str | Path, name: str, sources: list[str], val_frac
             n_chars = con.execute("SELECT sum(n_chars) FROM documents JOIN members USING (doc_id)").fetchone()[0]
             con.execute("INSERT INTO snapshots VALUES (?, ?, ?, ?, ?, ?)",
                         [snapshot_id, name, datetime.now(timezone.utc).replace(tzinfo=None), len(ids), n_chars, json.dumps(spec)])
+            if dropped:
+                near = pa.table(  # noqa: F841 - read by name in the SQL below
+                    {"snapshot_id": [snapshot_id] * len(dropped), "doc_id": [d.doc_id for d in dropped],
+                     "duplicate_of": [d.duplicate_of for d in dropped], "jaccard": [d.jaccard for d in dropped]})
+                con.execute("INSERT INTO snapshot_near_duplicates SELECT * FROM near")
             con.commit()
         return snapshot_info(con, snapshot_id)
+
+
+def _texts_of(db_path: str | Path, ids: list[str], batch: int = 4096) -> Iterator[tuple[str, str]]:
+    """(doc_id, text) of `ids`, streamed from the warehouse in batches."""
+    with connect(db_path, read_only=True) as con:
+        con.register("wanted", pa.table({"doc_id": ids}))
+        cur = con.execute("SELECT doc_id, text FROM documents JOIN wanted USING (doc_id) ORDER BY doc_id")
+        while rows := cur.fetchmany(batch):
+            yield from rows
 
 
 def snapshot_info(con: duckdb.DuckDBPyConnection, snapshot_id: str) -> SnapshotInfo:
