@@ -63,30 +63,27 @@ def _chunks(batches: Iterator[list[str]], max_chars: int) -> Iterator[list[str]]
         yield chunk
 
 
-def _encoded(tok: Tokenizer, texts: Iterator[list[str]], dtype: np.dtype) -> Iterator[tuple[np.ndarray, list[int]]]:
+def _encoded(tok: Tokenizer, texts: Iterator[list[str]], dtype: np.dtype) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(token ids of a chunk of documents as one array, their lengths)."""
     for chunk in _chunks(texts, ENCODE_CHARS):
         ids = [np.array(enc.ids, dtype=dtype) for enc in tok.encode_batch_fast(chunk, add_special_tokens=False)]
-        yield (np.concatenate(ids) if ids else np.empty(0, dtype)), [len(x) for x in ids]
+        yield np.concatenate(ids), np.array([len(x) for x in ids], dtype=np.int64)
 
 
 def write_split(tok: Tokenizer, texts: Iterator[list[str]], out: Path, split: str, dtype: np.dtype) -> dict:
     """Streams one split to `<split>.tokens.bin` and `<split>.offsets.npy`; returns its counts."""
     tokens_tmp, offsets_tmp = out / f"{split}.tokens.bin{TMP}", out / f"{split}.offsets.npy{TMP}"
-    lengths: list[int] = []  # 8 bytes a document once in the array below: small next to the tokens
-    n_tokens = 0
+    lengths = [np.zeros(1, dtype=np.int64)]  # 8 bytes a document: small next to the tokens
     with open(tokens_tmp, "wb") as f:
-        for flat, batch_lengths in _encoded(tok, texts, dtype):
+        for flat, chunk_lengths in _encoded(tok, texts, dtype):
             f.write(flat.data)
-            lengths.extend(batch_lengths)
-            n_tokens += len(flat)
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
+            lengths.append(chunk_lengths)
+    offsets = np.cumsum(np.concatenate(lengths))
     with open(offsets_tmp, "wb") as f:
         np.save(f, offsets)
     _replace(tokens_tmp, out / f"{split}.tokens.bin")
     _replace(offsets_tmp, out / f"{split}.offsets.npy")
-    return {"documents": len(lengths), "tokens": n_tokens}
+    return {"documents": len(offsets) - 1, "tokens": int(offsets[-1])}
 
 
 def _rows_per_fetch(db_path: str | Path, snapshot_id: str) -> int:
@@ -132,6 +129,9 @@ def load_split(shard_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarra
         raise WarehouseError(f"token shard {path} holds {size} bytes, meta.json says {counts['tokens']} tokens of "
                              f"{dtype}; delete {d} and run the token-shards stage again")
     offsets = np.load(d / f"{split}.offsets.npy")
+    if len(offsets) != counts["documents"] + 1 or (len(offsets) and offsets[-1] != counts["tokens"]):
+        raise WarehouseError(f"{d / f'{split}.offsets.npy'} does not match meta.json; delete {d} and run the "
+                             "token-shards stage again")
     if counts["tokens"] == 0:  # an empty file cannot be memory-mapped
         tokens = np.empty(0, dtype=dtype)
         tokens.flags.writeable = False

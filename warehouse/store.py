@@ -231,7 +231,7 @@ def _pool(workers: int) -> ProcessPoolExecutor:
 def _cleaned(items: Iterator[tuple[str, RawDoc | Reject]], min_chars: int, workers: int,
              quality: QualityConfig | None = None) -> Iterator[_Cleaned]:
     """Every (source name, input), cleaned, in order. Past POOL_AFTER_CHARS of raw text the chunks go
-    to `workers` processes, at most two a worker in flight, so memory stays bounded."""
+    to `workers` processes, at most workers + 1 chunks in flight, so memory stays bounded."""
     pool: ProcessPoolExecutor | None = None
     in_flight: collections.deque = collections.deque()  # (chunk's inputs without their texts, future)
     chunk: list[tuple[str, RawDoc | Reject]] = []
@@ -254,7 +254,7 @@ def _cleaned(items: Iterator[tuple[str, RawDoc | Reject]], min_chars: int, worke
             yield from results(inputs, _clean(texts, min_chars, quality))
             return
         in_flight.append((inputs, pool.submit(_clean, texts, min_chars, quality)))
-        while len(in_flight) > 2 * workers:
+        while len(in_flight) > workers:  # one chunk a worker, and one queued: all busy, memory bounded
             inputs, future = in_flight.popleft()
             yield from results(inputs, future.result())
 
