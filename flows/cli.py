@@ -66,18 +66,40 @@ def _prepare() -> Workspace:
     return ws
 
 
-def _boot_prefect_server() -> threading.Thread | None:
+class _ServerBoot(threading.Thread):
+    """Prefect's temporary API server, started in the background (see `_boot_prefect_server`)."""
+
+    def __init__(self) -> None:
+        super().__init__(name="prefect-server-boot", daemon=True)
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        from prefect.server.api.server import SubprocessASGIServer
+
+        try:
+            SubprocessASGIServer().start()
+        except BaseException as exc:  # noqa: BLE001 - re-raised by wait(); dropped if the command gave up first
+            self.error = exc
+
+    def wait(self) -> None:
+        self.join()
+        if self.error is not None:
+            raise self.error
+
+
+def _boot_prefect_server() -> _ServerBoot | None:
     """Start Prefect's temporary API server now, when no server is configured.
 
     Prefect would start it at the first flow run and wait for it (a uvicorn process, several
     seconds); started here, it boots on another core while this process imports torch and MLflow.
-    The flow then finds the same instance (`SubprocessASGIServer` is one per port) running.
+    The flow then finds the same instance (`SubprocessASGIServer` is one per port) running. A
+    command that fails before its flow starts just exits: the server is stopped at exit.
     """
     if os.environ.get("PREFECT_API_URL"):
         return None
-    from prefect.server.api.server import SubprocessASGIServer
+    import prefect.server.api.server  # noqa: F401 - imported here, not in the thread: imports take a lock
 
-    booting = threading.Thread(target=SubprocessASGIServer().start, name="prefect-server-boot", daemon=True)
+    booting = _ServerBoot()
     booting.start()
     return booting
 
@@ -98,7 +120,7 @@ def _execute(config: str, overrides: list[str], flow_name: str = "pretrain-pipel
     from flows.pipeline import pretrain_pipeline
 
     if booting:
-        booting.join()  # the flow must not reach the server before it answers
+        booting.wait()  # the flow must not reach the server before it answers
     console.print(f"[bold]pretrain[/bold] {config}  workspace {ws.root}")
     signal.signal(signal.SIGTERM, _on_sigterm)
     started = time.perf_counter()
