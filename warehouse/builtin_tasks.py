@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from datetime import datetime, timezone
 from pathlib import Path
-
-import pyarrow as pa
 
 from warehouse import store
 
@@ -74,24 +71,8 @@ def word_order_task(db_path: str | Path, task: str, source: str, min_chars: int,
                                    f"found {len(examples)}: point downstream.source at a source with prose")
     ids = list(examples)
     splits = [store.assign_split(k, task, val_frac, test_frac) for k in ids]
-    now = datetime.now(timezone.utc).replace(tzinfo=None)
-    new_documents = pa.table(  # noqa: F841 - read by name in the SQL below (DuckDB replacement scan)
-        {"doc_id": ids, "text": [examples[k][0] for k in ids],
-         "n_chars": pa.array([len(examples[k][0]) for k in ids], pa.int32()), "first_seen": [now] * len(ids)},
-        schema=pa.schema([("doc_id", pa.string()), ("text", pa.string()), ("n_chars", pa.int32()),
-                          ("first_seen", pa.timestamp("us"))]))
-    examples_table = pa.table(  # noqa: F841 - read by name in the SQL below
-        {"task": [task] * len(ids), "doc_id": ids, "label": [examples[k][1] for k in ids], "split": splits,
-         "source_doc": [examples[k][2] for k in ids]})
-    with store.connect(db_path) as con:
-        con.begin()
-        con.execute("""INSERT OR IGNORE INTO documents (doc_id, text, n_chars, first_seen)
-                       SELECT doc_id, text, n_chars, first_seen FROM new_documents""")
-        con.execute("DELETE FROM task_examples WHERE task = ?", [task])
-        con.execute("""INSERT INTO task_examples (task, doc_id, label, split, source_doc)
-                       SELECT task, doc_id, label, split, source_doc FROM examples_table""")
-        con.commit()
-    del con
+    store.replace_task_examples(db_path, task, ids, [examples[k][0] for k in ids], [examples[k][1] for k in ids],
+                                splits, source_docs=[examples[k][2] for k in ids])
     counts = {s: splits.count(s) for s in store.SPLITS}
     return store.LabelTask(task, [ORIGINAL, SHUFFLED], {"total": len(ids), **counts})
 

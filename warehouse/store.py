@@ -336,6 +336,36 @@ def ingest(db_path: str | Path, sources: list[SourceSpec], min_chars: int = 32,
     return report
 
 
+def replace_task_examples(db_path: str | Path, task: str, doc_ids: list[str], texts: list[str], labels: list[str],
+                          splits: list[str], text_pairs: list[str | None] | None = None,
+                          source_docs: list[str | None] | None = None) -> None:
+    """Task `task`'s examples replaced in one transaction; their texts stored as documents (by content hash)."""
+    now = datetime.now(timezone.utc).replace(tzinfo=None)
+    n = len(doc_ids)
+    new_documents = pa.table(  # noqa: F841 - read by name in the SQL below (DuckDB replacement scan)
+        {"doc_id": doc_ids, "text": texts, "n_chars": pa.array([len(t) for t in texts], pa.int32()),
+         "first_seen": [now] * n},
+        schema=pa.schema([("doc_id", pa.string()), ("text", pa.string()), ("n_chars", pa.int32()),
+                          ("first_seen", pa.timestamp("us"))]))
+    examples = pa.table(  # noqa: F841 - read by name in the SQL below
+        {"task": [task] * n, "doc_id": doc_ids, "label": labels, "split": splits,
+         "text_pair": pa.array(text_pairs or [None] * n, pa.string()),
+         "source_doc": pa.array(source_docs or [None] * n, pa.string())})
+    with connect(db_path) as con:
+        con.begin()
+        try:
+            con.execute("""INSERT OR IGNORE INTO documents (doc_id, text, n_chars, first_seen)
+                           SELECT doc_id, text, n_chars, first_seen FROM new_documents""")
+            con.execute("DELETE FROM task_examples WHERE task = ?", [task])
+            con.execute("""INSERT INTO task_examples (task, doc_id, label, split, text_pair, source_doc)
+                           SELECT task, doc_id, label, split, text_pair, source_doc FROM examples""")
+            con.commit()
+        except BaseException:
+            con.rollback()
+            raise
+    del con  # a traceback must not keep a DuckDB object alive
+
+
 @dataclass
 class LabelTask:
     name: str

@@ -37,7 +37,6 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -429,27 +428,7 @@ def load_task_file(db_path: str | Path, task: str, spec: TaskFileSpec, val_frac:
             raise _error(f"task {task!r}: label {unseen[0]!r}{more} occurs in the {s} split but not in train; add "
                          f"train rows with that label or drop those {s} rows")
 
-    now = datetime.now(timezone.utc).replace(tzinfo=None)
-    new_documents = pa.table(  # noqa: F841 - read by name in the SQL below (DuckDB replacement scan)
-        {"doc_id": [r[0] for r in rows], "text": [r[2] for r in rows],
-         "n_chars": pa.array([len(r[2]) for r in rows], pa.int32()), "first_seen": [now] * len(rows)},
-        schema=pa.schema([("doc_id", pa.string()), ("text", pa.string()), ("n_chars", pa.int32()),
-                          ("first_seen", pa.timestamp("us"))]))
-    examples_table = pa.table(  # noqa: F841 - read by name in the SQL below
-        {"task": [task] * len(rows), "doc_id": [r[0] for r in rows], "label": [r[4] for r in rows],
-         "split": [r[1] for r in rows], "text_pair": pa.array([r[3] for r in rows], pa.string())})
-    with store.connect(db_path) as con:
-        con.begin()
-        try:
-            con.execute("""INSERT OR IGNORE INTO documents (doc_id, text, n_chars, first_seen)
-                           SELECT doc_id, text, n_chars, first_seen FROM new_documents""")
-            con.execute("DELETE FROM task_examples WHERE task = ?", [task])
-            con.execute("""INSERT INTO task_examples (task, doc_id, label, split, text_pair)
-                           SELECT task, doc_id, label, split, text_pair FROM examples_table""")
-            con.commit()
-        except BaseException:
-            con.rollback()
-            raise
-    del con  # a traceback must not keep a DuckDB object alive
+    store.replace_task_examples(db_path, task, [r[0] for r in rows], [r[2] for r in rows], [r[4] for r in rows],
+                                [r[1] for r in rows], text_pairs=[r[3] for r in rows])
     return store.LabelTask(task, labels, {"total": len(rows), **counts}, pair=pair, n_duplicates=duplicates,
                            n_rejected=rejected)
