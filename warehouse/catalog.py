@@ -71,7 +71,7 @@ def _read(db_path: str | Path) -> Iterator[duckdb.DuckDBPyConnection]:
 @dataclass
 class DeclaredSource:
     name: str
-    spec: dict  # SourceSpec fields plus "format"
+    spec: dict  # SourceSpec fields
     added_at: datetime | None = None
 
 
@@ -83,17 +83,17 @@ class Declaration:
 
 
 def format_choices() -> tuple[str, ...]:
-    """The --format values the reader takes (just "auto" for a reader that goes by extension)."""
-    from warehouse import sources
+    """The --format values the reader takes."""
+    from warehouse.sources import FORMAT_CHOICES
 
-    return tuple(getattr(sources, "FORMAT_CHOICES", ("auto",)))
+    return FORMAT_CHOICES
 
 
 def to_source_spec(spec: dict) -> SourceSpec:
     """The SourceSpec a declaration stands for. A setting the reader does not know is an error,
     never silently dropped (a declaration made by a newer version, say)."""
     known = {f.name for f in fields(SourceSpec)}
-    unknown = [k for k, v in spec.items() if k not in known and not (k == "format" and v == "auto")]
+    unknown = [k for k in spec if k not in known]
     if unknown:
         raise SourceError(f"source {spec.get('name')!r} has a setting this version cannot read ({unknown[0]!r}); "
                           f"declare it again with `pretrain data add`")
