@@ -185,6 +185,17 @@ def load_pretrained(path: str | Path) -> tuple[nn.Module, TrainConfig]:
     return model, cfg
 
 
+def load_optimizer_moments(path: Path, optimizer: torch.optim.Optimizer) -> bool:
+    """AdamW's moments from a checkpoint, keeping the optimizer's own hyper-parameters; False if it has none."""
+    if not (path / "optimizer.json").exists():
+        return False
+    own = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    optimizer.load_state_dict(_optimizer_state(path))
+    for group, settings in zip(optimizer.param_groups, own):
+        group.update(settings)
+    return True
+
+
 def load_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, lr_scheduler: Any) -> dict:
     """Restore model, optimizer and LR schedule in place; return train_state, dataloader and rng."""
     load_weights(model, path)

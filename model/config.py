@@ -137,10 +137,16 @@ class TrainConfig:
     keep_checkpoints: int = 2  # the last K resumable checkpoints are kept, plus the best by val loss
     resume: bool = True  # continue from the newest valid checkpoint in out_dir when there is one
     nonfinite: str = "stop"  # stop (checked every log_interval, no host sync per step) | skip (the step, syncs)
+    # Continual pretraining: start from this checkpoint (same objective, model and tokenizer) and count steps,
+    # tokens and FLOPs on from its own; max_steps more steps follow, under a schedule that warms up again.
+    init_from: str = ""
+    init_optimizer: str = "restore"  # restore (the checkpoint's AdamW moments, when it has them) | fresh
 
     def __post_init__(self) -> None:
         if self.nonfinite not in ("stop", "skip"):
             raise ConfigError(f"train.nonfinite={self.nonfinite!r} is unknown; use stop or skip")
+        if self.init_optimizer not in ("restore", "fresh"):
+            raise ConfigError(f"train.init_optimizer={self.init_optimizer!r} is unknown; use restore or fresh")
         if self.grad_accum_steps < 1:
             raise ConfigError(f"train.grad_accum_steps={self.grad_accum_steps} must be at least 1")
         if not 0 < self.mask_prob < 1:

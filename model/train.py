@@ -22,8 +22,8 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from model.checkpoint import (CheckpointError, CheckpointManager, load_train_config, load_training_state,
-                              restore_rng, rng_state, save_checkpoint)
+from model.checkpoint import (CheckpointError, CheckpointManager, load_optimizer_moments, load_train_config,
+                              load_training_state, load_weights, restore_rng, rng_state, save_checkpoint, verify)
 from model.config import ConfigError, TrainConfig, read_train_config
 from model.data import LoaderState, RowLoader, eval_batches, load_rows
 from model.objectives import get_objective
@@ -119,10 +119,32 @@ def _check_resumable(saved: TrainConfig, cfg: TrainConfig, path: Path) -> None:
     """Resuming is exact only with the same model, objective and data shapes; refuse anything else."""
     for key in ("objective", "model", "data_dir", "seq_len", "batch_size", "grad_accum_steps", "seed", "lr",
                 "warmup_steps", "max_steps", "max_flops", "min_lr_ratio", "weight_decay", "mask_prob",
-                "whole_word", "static_masking", "static_copies", "noise_density", "mean_span", "generator_ratio"):
+                "whole_word", "static_masking", "static_copies", "noise_density", "mean_span", "generator_ratio",
+                "init_from", "init_optimizer"):
         if getattr(saved, key) != getattr(cfg, key):
             raise ConfigError(f"checkpoint {path} was made with {key}={getattr(saved, key)!r}, this run has "
                               f"{getattr(cfg, key)!r}; use another out_dir or set resume: false")
+
+
+def start_from(cfg: TrainConfig, model, optimizer) -> dict:
+    """Continual pretraining: load a finished run's weights (and AdamW moments) and return where it stopped.
+
+    Only the moments are taken from the old optimizer; learning rate and weight decay are this run's.
+    """
+    path = Path(cfg.init_from)
+    if not path.is_dir():
+        raise ConfigError(f"train.init_from={path} is not a folder; point it at a checkpoint folder of an earlier run")
+    verify(path)
+    saved = load_train_config(path)
+    for key in ("objective", "model", "specials"):
+        if getattr(saved, key) != getattr(cfg, key):
+            raise ConfigError(f"train.init_from={path} was trained with {key}={getattr(saved, key)!r}, this run has "
+                              f"{getattr(cfg, key)!r}; continue with the same objective, model and tokenizer")
+    load_weights(model, path)
+    restored_moments = cfg.init_optimizer == "restore" and load_optimizer_moments(path, optimizer)
+    state = json.loads((path / "train_state.json").read_text())
+    return {"from": str(path), "step": state["step"], "tokens_seen": state["tokens_seen"], "flops": state["flops"],
+            "optimizer": "restored" if restored_moments else "fresh"}
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -171,6 +193,7 @@ def train(cfg: TrainConfig) -> dict:
 
     checkpoints = CheckpointManager(out_dir / "checkpoints", cfg.keep_checkpoints)
     start_step, skipped, last = 0, 0, {}
+    init = {"from": "", "step": 0, "tokens_seen": 0, "flops": 0.0, "optimizer": ""}  # what this run continues
     resume_from = checkpoints.latest()
     if resume_from is not None and not cfg.resume:
         raise ConfigError(f"{out_dir} already holds checkpoints ({resume_from.name}); set resume: true to continue "
@@ -180,23 +203,32 @@ def train(cfg: TrainConfig) -> dict:
         restored = load_training_state(resume_from, model, optimizer, scheduler)
         loader.state = LoaderState(**restored["dataloader"])
         restore_rng(restored["rng"], gen)
-        start_step, skipped = restored["train_state"]["step"], restored["train_state"].get("skipped_steps", 0)
+        init = restored["train_state"].get("init", init)
+        start_step = restored["train_state"]["step"] - init["step"]
+        skipped = restored["train_state"].get("skipped_steps", 0)
         last = restored["train_state"].get("last_eval", {})
-        _truncate_metrics(out_dir / "metrics.jsonl", start_step)
-        console.print(f"resuming from {resume_from} (step {start_step})")
+        _truncate_metrics(out_dir / "metrics.jsonl", init["step"] + start_step)
+        console.print(f"resuming from {resume_from} (step {init['step'] + start_step})")
+    elif cfg.init_from:
+        init = start_from(cfg, model, optimizer)
+        console.print(f"continuing from {init['from']} (step {init['step']}, optimizer {init['optimizer']})")
     metrics_file = open(out_dir / "metrics.jsonl", "a" if resume_from else "w", buffering=1)
 
+    # Steps below count from this run's start; what is written (metrics, checkpoints, summary) counts on
+    # from the model it continues, so a continual series reads as one curve.
     def emit(step: int, values: dict[str, float]) -> None:
-        metrics_file.write(json.dumps({"step": step, **values}) + "\n")
+        metrics_file.write(json.dumps({"step": init["step"] + step, **values}) + "\n")
 
     def train_state(step: int) -> dict:
-        return {"step": step, "tokens_seen": step * tokens_per_step, "flops": step * flops_per_step, "skipped_steps": skipped,
+        return {"step": init["step"] + step, "tokens_seen": init["tokens_seen"] + step * tokens_per_step,
+                "flops": init["flops"] + step * flops_per_step, "skipped_steps": skipped,
                 "epoch": loader.state.epoch, "position": loader.state.position, "last_eval": last,
-                "val_loss": last.get("val/loss") if last.get("step") == step else None}
+                "val_loss": last.get("val/loss") if last.get("step") == step else None, "init": init}
 
     def checkpoint(step: int) -> None:
         _raise_if_nonfinite(bad_step)  # never write weights that a non-finite step has touched
-        checkpoints.save(step, model, cfg, train_state(step), optimizer, scheduler, asdict(loader.state), rng_state(gen))
+        checkpoints.save(init["step"] + step, model, cfg, train_state(step), optimizer, scheduler,
+                         asdict(loader.state), rng_state(gen))
 
     progress = Progress(
         TextColumn(f"[bold]pretrain {cfg.objective}"), BarColumn(), MofNCompleteColumn(),
@@ -234,11 +266,12 @@ def train(cfg: TrainConfig) -> dict:
                 tps = window_steps * tokens_per_step / (now - window_start)
                 window_start, window_steps = now, 0
                 emit(step, {"train/loss": loss_value, "train/lr": scheduler.get_last_lr()[0],
-                            "throughput/tokens_per_s": tps, "train/flops": step * flops_per_step})
+                            "throughput/tokens_per_s": tps, "train/flops": init["flops"] + step * flops_per_step})
                 progress.update(bar, loss=f"{loss_value:.3f}", tps=f"{tps:,.0f}")
             if step % cfg.eval_interval == 0 or step == max_steps:
                 last = {"step": step, **evaluate(model, val_rows, cfg, device, amp)}
-                emit(step, {**{k: v for k, v in last.items() if k != "step"}, "train/flops": step * flops_per_step})
+                emit(step, {**{k: v for k, v in last.items() if k != "step"},
+                            "train/flops": init["flops"] + step * flops_per_step})
             if step % interval == 0 or step == max_steps:
                 checkpoint(step)
             progress.update(bar, advance=1)
@@ -258,9 +291,12 @@ def train(cfg: TrainConfig) -> dict:
     summary = {
         **{k: v for k, v in last.items() if k != "step"},
         "tokens_seen": state["tokens_seen"],
-        "pretrain_flops": flops_per_step * max_steps,
+        "pretrain_flops": state["flops"],
         "flops_per_token": flops_per_step / tokens_per_step,
-        "steps": max_steps,
+        "steps": state["step"],
+        "run_steps": max_steps,
+        "init_from": init["from"],
+        "init_step": init["step"],
         "n_params": sum(p.numel() for p in model.parameters()),
         "train_seconds": elapsed,
         "throughput/tokens_per_s": trained_steps * tokens_per_step / elapsed if trained_steps else 0.0,
