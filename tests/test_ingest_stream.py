@@ -1,5 +1,6 @@
 """Streaming ingest and token shards: flat memory, committed batches, every input counted, atomic shards."""
 import json
+from pathlib import Path
 import os
 import random
 import signal
@@ -169,6 +170,18 @@ def test_shards_read_back_as_the_direct_encoding(snapshot, tmp_path):
             assert tokens[offsets[i]:offsets[i + 1]].tolist() == tok.encode(text, add_special_tokens=False).ids
     assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == sorted(
         ["meta.json"] + [f"{s}.{kind}" for s in store.SPLITS for kind in ("tokens.bin", "offsets.npy")])
+
+
+def test_ordered_reads_come_back_in_doc_id_order_without_a_sort_in_duckdb(snapshot, monkeypatch):
+    db, snap, _ = snapshot
+    # A buffer pool far smaller than DuckDB would want for sorting the split's text: the read must not sort in it.
+    monkeypatch.setenv("PRETRAIN_DUCKDB_MEMORY", "32MB")
+    for split in store.SPLITS:
+        ordered = [(i, t) for ids, texts in store.iter_docs(db, snap.snapshot_id, split, batch=7) for i, t in zip(ids, texts)]
+        loose = [(i, t) for ids, texts in store.iter_docs(db, snap.snapshot_id, split, ordered=False) for i, t in zip(ids, texts)]
+        assert [i for i, _ in ordered] == sorted(i for i, _ in loose)
+        assert sorted(ordered) == sorted(loose) and all(store.doc_id(t) == i for i, t in ordered)
+    assert list(Path(str(db) + ".tmp").iterdir()) == []  # the scratch file is gone
 
 
 def test_a_vocabulary_past_65536_gets_uint32_tokens(tmp_path):

@@ -141,7 +141,7 @@ def ngram_overlap(eval_texts: dict[str, list[str]], corpus_batches: Iterable[lis
 
 def _snapshot_batches(db_path: str | Path, snapshot_id: str, batch: int) -> Iterator[list[str]]:
     for split in store.SPLITS:  # the whole snapshot was seen in pretraining, held-out splits included
-        yield from store.iter_texts(db_path, snapshot_id, split, batch)
+        yield from store.iter_texts(db_path, snapshot_id, split, batch, ordered=False)  # overlap ignores order
 
 
 def snapshot_contamination(db_path: str | Path, snapshot_id: str, eval_texts: dict[str, list[str]], n: int = 8,

@@ -14,6 +14,7 @@ import multiprocessing
 import os
 import re
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -64,6 +65,14 @@ class WarehouseError(ValueError):
     pass
 
 
+def memory_limit() -> str:
+    """DuckDB's buffer pool limit. Its default, 80% of RAM, keeps every page an ingest writes or a read
+    touches, so a process's memory grew with the corpus; under a fixed limit pages are evicted. A sort of
+    text can fail at the limit (DuckDB does not spill its strings), so text is never sorted in DuckDB:
+    big reads stream in storage order and `iter_docs` restores doc_id order itself."""
+    return os.environ.get("PRETRAIN_DUCKDB_MEMORY", "512MB")
+
+
 @contextlib.contextmanager
 def connect(db_path: str | Path, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
     db_path = Path(db_path)
@@ -71,7 +80,8 @@ def connect(db_path: str | Path, read_only: bool = False) -> Iterator[duckdb.Duc
         raise WarehouseError(f"no warehouse at {db_path}; run the ingest stage first")
     db_path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        con = duckdb.connect(str(db_path), read_only=read_only)
+        con = duckdb.connect(str(db_path), read_only=read_only, config={
+            "memory_limit": memory_limit(), "temp_directory": str(db_path) + ".tmp"})
     except duckdb.IOException as exc:
         if "lock" in str(exc).lower():
             holder = re.search(r"PID (\d+)", str(exc))
@@ -472,10 +482,10 @@ def create_snapshot(db_path: str | Path, name: str, sources: list[str], val_frac
 
 
 def _texts_of(db_path: str | Path, ids: list[str], batch: int = 4096) -> Iterator[tuple[str, str]]:
-    """(doc_id, text) of `ids`, streamed from the warehouse in batches."""
+    """(doc_id, text) of `ids`, streamed from the warehouse in batches, in storage order (no sort of the text)."""
     with connect(db_path, read_only=True) as con:
         con.register("wanted", pa.table({"doc_id": ids}))
-        cur = con.execute("SELECT doc_id, text FROM documents JOIN wanted USING (doc_id) ORDER BY doc_id")
+        cur = con.execute("SELECT doc_id, text FROM documents JOIN wanted USING (doc_id)")
         while rows := cur.fetchmany(batch):
             yield from rows
 
@@ -489,14 +499,51 @@ def snapshot_info(con: duckdb.DuckDBPyConnection, snapshot_id: str) -> SnapshotI
     return SnapshotInfo(snapshot_id, row[0], row[1], row[2], {s: splits.get(s, 0) for s in SPLITS})
 
 
-def iter_texts(db_path: str | Path, snapshot_id: str, split: str, batch: int = 2048) -> Iterator[list[str]]:
-    """Texts of one split of a snapshot in doc_id order, in batches."""
-    with connect(db_path, read_only=True) as con:
-        cur = con.execute(
-            """SELECT d.text FROM snapshot_documents s JOIN documents d USING (doc_id)
-               WHERE s.snapshot_id = ? AND s.split = ? ORDER BY d.doc_id""", [snapshot_id, split])
-        while rows := cur.fetchmany(batch):
-            yield [r[0] for r in rows]
+def iter_texts(db_path: str | Path, snapshot_id: str, split: str, batch: int = 2048,
+               ordered: bool = True) -> Iterator[list[str]]:
+    """Texts of one split of a snapshot, in batches: in doc_id order, or with `ordered=False` in storage
+    order, streamed without a sort (memory flat in the split's size; for readers that do not need order)."""
+    for _, texts in iter_docs(db_path, snapshot_id, split, batch, ordered):
+        yield texts
+
+
+def iter_docs(db_path: str | Path, snapshot_id: str, split: str, batch: int = 2048,
+              ordered: bool = True) -> Iterator[tuple[list[str], list[str]]]:
+    """(doc_ids, texts) of one split of a snapshot, in batches; see `iter_texts` for `ordered`.
+
+    In order, the texts are first streamed into a scratch file beside the warehouse and then read back
+    by doc_id: DuckDB's ORDER BY holds a whole split's text in memory (several times its size) and fails
+    at the memory limit, while this holds about 100 bytes per document.
+    """
+    if not ordered:
+        with connect(db_path, read_only=True) as con:
+            yield from _unordered(con, snapshot_id, split, batch)
+        return
+    scratch_dir = Path(str(db_path) + ".tmp")
+    scratch_dir.mkdir(exist_ok=True)
+    with tempfile.TemporaryFile(dir=scratch_dir) as scratch:
+        index = []  # (doc_id, offset, length) of each text in the scratch file
+        with connect(db_path, read_only=True) as con:
+            for ids, texts in _unordered(con, snapshot_id, split, batch):
+                for doc, text in zip(ids, texts):
+                    data = text.encode("utf-8")
+                    index.append((doc, scratch.tell(), len(data)))
+                    scratch.write(data)
+        scratch.flush()
+        index.sort()
+        fd = scratch.fileno()
+        for start in range(0, len(index), batch):
+            part = index[start:start + batch]
+            yield [d for d, _, _ in part], [os.pread(fd, n, offset).decode("utf-8") for _, offset, n in part]
+
+
+def _unordered(con: duckdb.DuckDBPyConnection, snapshot_id: str, split: str,
+               batch: int) -> Iterator[tuple[list[str], list[str]]]:
+    """A split's (doc_ids, texts) in storage order: the join streams, nothing is sorted."""
+    cur = con.execute("""SELECT d.doc_id, d.text FROM snapshot_documents s JOIN documents d USING (doc_id)
+                         WHERE s.snapshot_id = ? AND s.split = ?""", [snapshot_id, split])
+    while rows := cur.fetchmany(batch):
+        yield [r[0] for r in rows], [r[1] for r in rows]
 
 
 def _text_pair_sql(con: duckdb.DuckDBPyConnection) -> str:
