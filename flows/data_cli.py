@@ -86,25 +86,67 @@ def _when(t) -> str:
 @user_errors
 def add(
     name: str = typer.Argument(..., help="Source name, e.g. wiki (letters, digits, '.', '_', '-')."),
-    path: str = typer.Argument(..., help="A file, a folder (read recursively) or a quoted glob."),
+    path: Optional[str] = typer.Argument(None, help="A file, a folder (read recursively) or a quoted glob "
+                                                     "(or --dataset instead)."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="A Hugging Face dataset instead of PATH: a folder "
+                                          "saved with save_to_disk, or a hub name owner/name (read from the local "
+                                          "cache unless HF_HUB_OFFLINE=0)."),
+    split: Optional[str] = typer.Option(None, "--split", help="With --dataset: the split of a DatasetDict or of a "
+                                                              "hub dataset (default train)."),
+    subset: Optional[str] = typer.Option(None, "--subset", help="With --dataset: a hub dataset's config name."),
     fmt: str = typer.Option("auto", "--format", help="Input format of every file: "
                             f"{', '.join(catalog.format_choices())} (auto: by content, then file name)."),
     text_field: str = typer.Option("text", "--text-field", help="The JSON field (dotted for nested, e.g. "
-                                                               "meta.body) or the CSV / Parquet column of the text."),
+                                                               "meta.body) or the CSV / Parquet / dataset column of "
+                                                               "the text."),
+    encoding_errors: Optional[str] = typer.Option(None, "--encoding-errors", help="Invalid UTF-8: reject the "
+                                                  "document (default) or replace the bytes with U+FFFD."),
+    max_doc_mb: Optional[float] = typer.Option(None, "--max-doc-mb", help="A larger document is rejected unread "
+                                                                          "(default 64)."),
 ) -> None:
     """Declare a source in the warehouse (re-adding a name with other settings replaces it)."""
-    d = catalog.declare_source(_db(), name, path, fmt, text_field)
+    # Only the options given are stored: a declaration says what the user chose, the rest stays default.
+    given = {"split": split, "subset": subset, "encoding_errors": encoding_errors, "max_doc_mb": max_doc_mb}
+    settings = {k: v for k, v in given.items() if v is not None}
+    d = catalog.declare_source(_db(), name, path or "", fmt, text_field, dataset=dataset or "", **settings)
     out = _out()
-    where = escape(d.source.spec["path"])
+    where = escape(_origin(d.source.spec))
     if d.change == "added":
         out.print(f"added source [bold]{name}[/bold]: {where}")
     elif d.change == "unchanged":
         out.print(f"source [bold]{name}[/bold] is already declared with these settings: {where}")
     else:
-        changed = ", ".join(f"{k} {escape(str(d.previous.get(k)))} -> {escape(str(v))}"
-                            for k, v in d.source.spec.items() if d.previous.get(k) != v)
+        keys = [k for k in {**d.previous, **d.source.spec} if d.previous.get(k) != d.source.spec.get(k)]
+        changed = ", ".join(f"{k} {escape(str(d.previous.get(k, 'default')))} -> "
+                            f"{escape(str(d.source.spec.get(k, 'default')))}" for k in keys)
         out.print(f"replaced source [bold]{name}[/bold] ({changed})")
+    note = _offline_note(d.source.spec)
+    if note:
+        out.print(f"[yellow]note[/yellow]: {escape(note)}")
     out.print(f"next: pretrain data ingest {name}")
+
+
+def _origin(spec: dict) -> str:
+    """What a declared source reads: its path, or its dataset (with the split when one is chosen)."""
+    if spec.get("dataset"):
+        split = f"[{spec['split']}]" if spec.get("split") else ""
+        subset = f":{spec['subset']}" if spec.get("subset") else ""
+        return f"hf:{spec['dataset']}{subset}{split}"
+    return spec.get("path") or f"builtin:{spec.get('builtin', '')}"
+
+
+def _offline_note(spec: dict) -> str | None:
+    """A hub dataset that this machine cannot read now (offline, not cached): said at once, not at ingest."""
+    from warehouse import hf_datasets
+
+    dataset = spec.get("dataset", "")
+    if not dataset or hf_datasets.local_folder(dataset) is not None:
+        return None
+    try:
+        hf_datasets.fingerprint(catalog.to_source_spec(spec))
+    except SourceError as exc:
+        return f"`pretrain data ingest` cannot read it here yet: {exc}"
+    return None
 
 
 @data_app.command("sources")
@@ -115,9 +157,9 @@ def list_sources() -> None:
     if not declared:
         _out().print("no sources declared; declare one with `pretrain data add NAME PATH`")
         return
-    table = Table("name", "path", "format", "text field", "declared (UTC)")
+    table = Table("name", "path or dataset", "format", "text field", "declared (UTC)")
     for d in declared:
-        table.add_row(d.name, escape(d.spec.get("path", "")), d.spec.get("format", "auto"),
+        table.add_row(d.name, escape(_origin(d.spec)), "-" if d.spec.get("dataset") else d.spec.get("format", "auto"),
                       d.spec.get("text_field", "text"), _when(d.added_at))
     _out().print(table)
 

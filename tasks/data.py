@@ -27,7 +27,8 @@ CACHED = dict(persist_result=True, result_serializer="json")
 
 
 def source_fingerprint(specs: list[dict]) -> list:
-    """What an ingest depends on: every input file's path, size and mtime (the interpreter for built-ins)."""
+    """What an ingest depends on: every input file's path, size and mtime (the interpreter for built-ins;
+    for a Hugging Face dataset, hf_datasets.fingerprint)."""
     import sys
 
     out = []
@@ -35,6 +36,10 @@ def source_fingerprint(specs: list[dict]) -> list:
         s = SourceSpec(**spec)
         if s.builtin:
             out.append([s.builtin, sys.version])
+        elif s.dataset:
+            from warehouse.hf_datasets import fingerprint
+
+            out.append(fingerprint(s))
         else:
             out.append([_stat(p) for p in expand(s)])
     return out

@@ -120,16 +120,51 @@ def _existing(path: str, name: str | None = None) -> str:
     return os.path.abspath(raw)
 
 
-def declare_source(db_path: str | Path, name: str, path: str, fmt: str = "auto", text_field: str = "text",
-                   **settings) -> Declaration:
-    """Declare (or replace) source `name` reading `path`: a file, a folder or a glob. `settings` are
-    further SourceSpec fields (e.g. encoding_errors)."""
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
-        raise SourceError(f"source name {name!r} must be letters, digits, '.', '_' or '-' (e.g. my-corpus)")
+def _dataset(dataset: str) -> str:
+    """A --dataset value as stored: a save_to_disk folder made absolute (checked now), or a hub name
+    as given (not looked up: the network may be allowed only where the ingest runs)."""
+    from warehouse import hf_datasets
+
+    folder = hf_datasets.local_folder(dataset)
+    if folder is None:
+        return dataset
+    hf_datasets.saved_folder(folder)
+    return os.path.abspath(folder)
+
+
+def _check_settings(dataset: str, fmt: str, settings: dict) -> None:
+    """The command line's mistakes in its own words (--flag), before SourceSpec's (corpus.sources[].key)."""
+    from warehouse.sources import ENCODING_ERRORS
+
     if fmt not in format_choices():
         raise SourceError(f"unknown --format {fmt!r}; valid: {', '.join(format_choices())}")
-    resolved = _existing(path)
-    spec = {"name": name, "path": resolved, "text_field": text_field, "format": fmt, **settings}
+    if dataset and fmt != "auto":
+        raise SourceError("--format applies to files; a dataset's columns are typed: drop --format")
+    extra = next((k for k in ("split", "subset") if settings.get(k)), None)
+    if extra and not dataset:
+        raise SourceError(f"--{extra} applies to --dataset only; drop it, or declare a dataset source")
+    if settings.get("encoding_errors", "reject") not in ENCODING_ERRORS:
+        raise SourceError(f"unknown --encoding-errors {settings['encoding_errors']!r}; valid: {', '.join(ENCODING_ERRORS)}")
+    mb = settings.get("max_doc_mb", 1)
+    if not isinstance(mb, (int, float)) or not mb > 0:
+        raise SourceError(f"--max-doc-mb must be a positive number of megabytes, got {mb!r}")
+
+
+def declare_source(db_path: str | Path, name: str, path: str = "", fmt: str = "auto", text_field: str = "text",
+                   dataset: str = "", **settings) -> Declaration:
+    """Declare (or replace) source `name` reading `path` (a file, a folder or a glob) or `dataset` (a
+    Hugging Face dataset: a folder saved with save_to_disk, or a hub name). `settings` are further
+    SourceSpec fields (e.g. encoding_errors, max_doc_mb, split)."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise SourceError(f"source name {name!r} must be letters, digits, '.', '_' or '-' (e.g. my-corpus)")
+    if bool(path) == bool(dataset):
+        raise SourceError("give a PATH (files) or --dataset (a Hugging Face dataset), " + (
+            "not both" if path else f"e.g. pretrain data add {name} texts/ or pretrain data add {name} --dataset saved/"))
+    _check_settings(dataset, fmt, settings)
+    if dataset:
+        spec = {"name": name, "dataset": _dataset(dataset), "text_field": text_field, **settings}
+    else:
+        spec = {"name": name, "path": _existing(path), "text_field": text_field, "format": fmt, **settings}
     to_source_spec(spec)  # fail now, not at ingest time
     with store.connect(db_path) as con:
         con.execute(SOURCES_SCHEMA)
@@ -176,6 +211,9 @@ def source_specs(db_path: str | Path, names: Iterable[str] = ()) -> list[SourceS
     for spec in specs:
         if spec.path:  # moved or deleted since it was declared
             _existing(spec.path, spec.name)
+        elif os.path.isabs(spec.dataset) and not os.path.lexists(spec.dataset):  # a folder (a hub name is relative)
+            raise SourceError(f"source {spec.name!r}: dataset folder {spec.dataset!r} does not exist; declare it "
+                              f"again: `pretrain data add {spec.name} --dataset FOLDER`")
     return specs
 
 
@@ -570,7 +608,7 @@ def export_snapshot(db_path: str | Path, ref: str, out_dir: str | Path, partitio
 @dataclass
 class LineageFile:
     source: str
-    path: str  # the input file (a .jsonl file, not its line; an archive member as archive!member)
+    path: str  # the input file (a .jsonl file, not its line; an archive member as archive!member; a dataset, not its row)
     documents: int  # snapshot documents read from it
 
 
@@ -587,7 +625,7 @@ def snapshot_lineage(db_path: str | Path, ref: str) -> Lineage:
         sid = resolve_snapshot(con, ref)
         row = _snapshot_row(con, sid)
         rows = con.execute(
-            rf"""SELECT p.source, regexp_replace(p.path, ':\d+$', '') AS file, count(DISTINCT p.doc_id)
+            rf"""SELECT p.source, regexp_replace(p.path, '[:#]\d+$', '') AS file, count(DISTINCT p.doc_id)
                  FROM provenance p JOIN snapshot_documents s USING (doc_id)
                  WHERE s.snapshot_id = ? AND p.source IN {_source_list_sql(row)}
                  GROUP BY ALL ORDER BY 1, 2""", [sid]).fetchall()

@@ -1,9 +1,10 @@
 """Reading sources into raw documents; every input becomes a document or a reject with a reason.
 
-This module lists a source's files and dispatches each (see `_read`): compressed files are
-decompressed as a stream, archives are walked member by member, and each file or member goes to its
-format's parser in `formats.py`. Formats come from the content's magic bytes first, then
+For files, this module lists a source's files and dispatches each (see `_read`): compressed files
+are decompressed as a stream, archives are walked member by member, and each file or member goes to
+its format's parser in `formats.py`. Formats come from the content's magic bytes first, then
 `SourceSpec.format`, then the file name, then a look at the text (HTML, JSON, JSON lines).
+A `dataset:` source (a Hugging Face dataset) is read by `hf_datasets.py` into the same items.
 """
 from __future__ import annotations
 
@@ -37,6 +38,11 @@ class SourceSpec:
     name: str = "corpus"
     path: str = ""  # a file, a folder (read recursively) or a glob
     builtin: str = ""  # "python-docs": the documentation shipped with the interpreter
+    # A Hugging Face dataset (warehouse/hf_datasets.py): a folder saved with save_to_disk, or a hub name
+    # (owner/name). Exactly one of path, builtin and dataset is set.
+    dataset: str = ""
+    split: str = ""  # a DatasetDict's or hub dataset's split (empty: train)
+    subset: str = ""  # a hub dataset's config name (load_dataset's second argument)
     # The field holding the text: a JSON key (dotted path for nested, list indices allowed: "meta.body",
     # "paragraphs.0"), a CSV / TSV column, a Parquet column (dotted: a struct column's field).
     text_field: str = "text"
@@ -62,6 +68,18 @@ def check(spec: SourceSpec) -> None:
     if not isinstance(spec.max_doc_mb, (int, float)) or not spec.max_doc_mb > 0:
         raise SourceError(f"max_doc_mb must be a positive number of megabytes, got {spec.max_doc_mb!r} "
                           f"({where('max_doc_mb')})")
+    kinds = [key for key in ("path", "builtin", "dataset") if getattr(spec, key)]
+    if len(kinds) != 1:
+        got = f"sets {' and '.join(kinds)}" if kinds else "sets none of path, builtin and dataset"
+        raise SourceError(f"source {spec.name!r} {got}; set exactly one of corpus.sources[].path (files), "
+                          ".dataset (a Hugging Face dataset) or .builtin")
+    if not spec.dataset:
+        extra = next((key for key in ("split", "subset") if getattr(spec, key)), None)
+        if extra:  # silently ignored, it would look like it had chosen something
+            raise SourceError(f"{extra} applies to a dataset source only; remove it or set dataset ({where(extra)})")
+    elif spec.format != "auto":
+        raise SourceError(f"format applies to files, not to a dataset (its columns are typed); remove it "
+                          f"({where('format')})")
 
 
 @dataclass
@@ -91,6 +109,11 @@ _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
 def expand(spec: SourceSpec) -> list[Path]:
+    """The files a source reads (for a dataset source: its Arrow files and metadata, see hf_datasets)."""
+    if spec.dataset:
+        from warehouse import hf_datasets
+
+        return hf_datasets.files(spec)
     raw = spec.path
     p = Path(raw).expanduser()
     if p.is_file():
@@ -248,7 +271,11 @@ def read_source(spec: SourceSpec) -> Iterator[RawDoc | Reject]:
             raise SourceError(f"unknown built-in corpus {spec.builtin!r}; available: {', '.join(BUILTINS)}")
         yield from BUILTINS[spec.builtin](spec.name)
         return
-    if not spec.path:
-        raise SourceError(f"source {spec.name!r} has neither a path nor a builtin; set corpus.sources[].path")
+    check(spec)  # exactly one of path, builtin, dataset
+    if spec.dataset:
+        from warehouse.hf_datasets import read_dataset  # imports `datasets` (2 s), only when one is declared
+
+        yield from read_dataset(spec)
+        return
     for path in expand(spec):
         yield from read_file(spec, path)

@@ -342,7 +342,8 @@ def ingest(db_path: str | Path, sources: list[SourceSpec], min_chars: int = 32,
         if accepted[spec.name] == 0:
             why = ", ".join(f"{k} {r}" for r, k in rejected[spec.name].items()) or "no input files"
             raise WarehouseError(f"the corpus is empty: {inputs[spec.name]} inputs gave no documents ({why}); "
-                                 f"point source {spec.name!r} at .txt / .md / .jsonl files with text")
+                                 + (f"check source {spec.name!r}'s text_field" if spec.dataset else
+                                    f"point source {spec.name!r} at .txt / .md / .jsonl files with text"))
     return report
 
 
