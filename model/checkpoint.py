@@ -47,9 +47,11 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _optimizer_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split an optimizer state dict into tensors (safetensors) and plain data (JSON)."""
-    sd = optimizer.state_dict()
+def _optimizer_files(optimizer: torch.optim.Optimizer | dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer state dict into tensors (safetensors) and plain data (JSON).
+
+    `optimizer` may be the state dict itself: the full state that FSDP gathers for rank 0."""
+    sd = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
     tensors, state = {}, {}
     for idx, entry in sd["state"].items():
         state[str(idx)] = {}
@@ -62,7 +64,8 @@ def _optimizer_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.
     return tensors, {"param_groups": sd["param_groups"], "state": state}
 
 
-def _optimizer_state(path: Path) -> dict:
+def read_optimizer_state(path: Path) -> dict:
+    """The optimizer state dict of a checkpoint, in `optimizer.state_dict()`'s layout."""
     meta = json.loads((path / "optimizer.json").read_text())
     tensors = safetensors.torch.load_file(str(path / "optimizer.safetensors"))
     state = {int(idx): {k: tensors[v["tensor"]] if isinstance(v, dict) and "tensor" in v else v
@@ -94,7 +97,7 @@ def save_checkpoint(
     model: nn.Module,
     cfg: TrainConfig,
     train_state: dict[str, Any],
-    optimizer: torch.optim.Optimizer | None = None,
+    optimizer: torch.optim.Optimizer | dict | None = None,
     lr_scheduler: Any = None,
     dataloader: dict | None = None,
     rng: dict[str, torch.Tensor] | None = None,
@@ -185,27 +188,37 @@ def load_pretrained(path: str | Path) -> tuple[nn.Module, TrainConfig]:
     return model, cfg
 
 
-def load_optimizer_moments(path: Path, optimizer: torch.optim.Optimizer) -> bool:
-    """AdamW's moments from a checkpoint, keeping the optimizer's own hyper-parameters; False if it has none."""
+def load_optimizer_moments(path: Path, optimizer: torch.optim.Optimizer, load=None) -> bool:
+    """AdamW's moments from a checkpoint, keeping the optimizer's own hyper-parameters; False if it has none.
+
+    `load(state_dict)` puts the state in (default `optimizer.load_state_dict`; a sharded optimizer's differs)."""
     if not (path / "optimizer.json").exists():
         return False
     own = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-    optimizer.load_state_dict(_optimizer_state(path))
+    (load or optimizer.load_state_dict)(read_optimizer_state(path))
     for group, settings in zip(optimizer.param_groups, own):
         group.update(settings)
     return True
 
 
-def load_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, lr_scheduler: Any) -> dict:
-    """Restore model, optimizer and LR schedule in place; return train_state, dataloader and rng."""
-    load_weights(model, path)
-    optimizer.load_state_dict(_optimizer_state(path))
-    lr_scheduler.load_state_dict(json.loads((path / "lr_scheduler.json").read_text()))
+def read_training_state(path: Path) -> dict:
+    """Everything a resumable checkpoint holds besides the weights, as plain state dicts."""
     return {
+        "optimizer": read_optimizer_state(path),
+        "lr_scheduler": json.loads((path / "lr_scheduler.json").read_text()),
         "train_state": json.loads((path / "train_state.json").read_text()),
         "dataloader": json.loads((path / "dataloader.json").read_text()),
         "rng": safetensors.torch.load_file(str(path / "rng.safetensors")),
     }
+
+
+def load_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, lr_scheduler: Any) -> dict:
+    """Restore model, optimizer and LR schedule in place; return train_state, dataloader and rng."""
+    load_weights(model, path)
+    restored = read_training_state(path)
+    optimizer.load_state_dict(restored["optimizer"])
+    lr_scheduler.load_state_dict(restored["lr_scheduler"])
+    return restored
 
 
 class CheckpointManager:

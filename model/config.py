@@ -141,12 +141,29 @@ class TrainConfig:
     # tokens and FLOPs on from its own; max_steps more steps follow, under a schedule that warms up again.
     init_from: str = ""
     init_optimizer: str = "restore"  # restore (the checkpoint's AdamW moments, when it has them) | fresh
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward (less memory)
+    # Several processes (torchrun). Launch settings: a run saved with one world size resumes with another.
+    # batch_size stays the global batch: each of the nproc_per_node * nnodes processes takes its slice.
+    nproc_per_node: int = 1
+    nnodes: int = 1
+    rdzv_endpoint: str = ""  # host:port of the rendezvous, needed when nnodes > 1
+    parallelism: str = "ddp"  # ddp (a replica per process) | fsdp (FSDP2: parameters sharded, per block)
 
     def __post_init__(self) -> None:
         if self.nonfinite not in ("stop", "skip"):
             raise ConfigError(f"train.nonfinite={self.nonfinite!r} is unknown; use stop or skip")
         if self.init_optimizer not in ("restore", "fresh"):
             raise ConfigError(f"train.init_optimizer={self.init_optimizer!r} is unknown; use restore or fresh")
+        if self.parallelism not in ("ddp", "fsdp"):
+            raise ConfigError(f"train.parallelism={self.parallelism!r} is unknown; use ddp or fsdp")
+        if self.nproc_per_node < 1 or self.nnodes < 1:
+            raise ConfigError("train.nproc_per_node and train.nnodes must be at least 1")
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ConfigError(f"train.nnodes={self.nnodes} needs train.rdzv_endpoint (host:port of the first node)")
+        if self.batch_size % (self.nproc_per_node * self.nnodes):
+            raise ConfigError(f"train.batch_size={self.batch_size} (the global batch) is not divisible by the "
+                              f"{self.nproc_per_node * self.nnodes} processes; make it a multiple of "
+                              "nproc_per_node * nnodes")
         if self.grad_accum_steps < 1:
             raise ConfigError(f"train.grad_accum_steps={self.grad_accum_steps} must be at least 1")
         if not 0 < self.mask_prob < 1:

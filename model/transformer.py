@@ -12,6 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from model.config import ModelConfig
 
@@ -143,6 +144,8 @@ class Transformer(nn.Module):
     prefix LM needs.
     """
 
+    activation_checkpointing = False  # set by `enable_activation_checkpointing` (a training setting, not the model's)
+
     def __init__(self, cfg: ModelConfig, causal: bool | None = None, cross_attention: bool = False,
                  n_layers: int | None = None, tok_emb: nn.Embedding | None = None):
         super().__init__()
@@ -217,7 +220,12 @@ class Transformer(nn.Module):
         mask, is_causal = self.self_attention_mask(input_ids, attention_mask, attn_mask)
         cross = memory_mask.bool()[:, None, None, :] if memory_mask is not None else None
         for block in self.blocks:
-            x = block(x, mask, is_causal, memory, cross)
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                # Keep only the block's input; recompute its activations in the backward (with the
+                # same dropout masks: checkpoint restores the RNG state).
+                x = checkpoint(block, x, mask, is_causal, memory, cross, use_reentrant=False)
+            else:
+                x = block(x, mask, is_causal, memory, cross)
         if self.final_norm is not None:
             x = self.drop(self.final_norm(x)) if self.cfg.norm_kind == "rms" else self.final_norm(x)
         return x
@@ -237,6 +245,14 @@ class Transformer(nn.Module):
         c = self.cfg
         layers = len(self.blocks)
         return 6 * self.num_params(non_embedding=True) + 12 * layers * c.d_model * (seq_len + memory_len)
+
+
+def enable_activation_checkpointing(model: nn.Module) -> int:
+    """Checkpoint every block of every Transformer stack in `model`; returns how many stacks."""
+    stacks = [m for m in model.modules() if isinstance(m, Transformer)]
+    for stack in stacks:
+        stack.activation_checkpointing = True
+    return len(stacks)
 
 
 def init_weights(module: nn.Module) -> None:

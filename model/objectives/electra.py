@@ -124,6 +124,8 @@ class Electra(nn.Module):
         gen_logits = self.gen_head(self.gen_backbone(gen_input, attention_mask=attention)[selected])
         disc_input = rows.clone()
         if gen_logits.shape[0]:
+            # Under several processes the masks above match one process's (drawn per global-batch row),
+            # but these samples are drawn per process: N processes equal one in distribution only.
             with torch.no_grad():  # the samples are ids: nothing to differentiate, as in the paper
                 probs = torch.softmax(gen_logits.detach().float(), dim=-1)
                 disc_input[selected] = torch.multinomial(probs, 1, generator=generator).squeeze(1)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import ModelConfig, TrainConfig
-from model.data import WORD_STARTS_FILE, chunk_rows, pack_stream
+from model.data import WORD_STARTS_FILE, batch_rand, batch_randint, chunk_rows, pack_stream
 from model.transformer import Transformer, activation_fn, norm_layer
 
 ARCH = "encoder"
@@ -96,8 +96,8 @@ def mask_tokens(
     labels = input_ids.clone()
     device = ids.device
 
-    def rand(shape):
-        return torch.rand(shape, generator=generator, device=device)
+    def rand(shape):  # drawn for the whole global batch, so a row's masks do not depend on the process holding it
+        return batch_rand(shape, generator, device)
 
     special = torch.isin(ids, torch.tensor(special_ids, device=device))
     if word_starts is None:
@@ -111,7 +111,7 @@ def mask_tokens(
     p_random = cfg.random_token_ratio / rest if rest > 0 else 0.0
     to_random = selected & ~to_mask & (rand(ids.shape) < p_random)
     ids[to_mask] = mask_id
-    random_ids = torch.randint(vocab_size, ids.shape, generator=generator, device=device)
+    random_ids = batch_randint(0, vocab_size, ids.shape, generator, device)
     # A random replacement is never a special token.
     random_ids = torch.where(torch.isin(random_ids, torch.tensor(special_ids, device=device)), input_ids, random_ids)
     ids[to_random] = random_ids[to_random]

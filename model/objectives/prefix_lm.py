@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from model.config import ModelConfig
+from model.data import batch_randint
 from model.objectives import clm
 from model.objectives.mlm import IGNORE
 from model.losses import lm_loss
@@ -38,7 +39,7 @@ def draw_prefix(batch: int, t: int, generator: torch.Generator | None, device: t
     """(prefix lengths p in [1, t - 1], attention mask, loss mask: positions i >= p - 1)."""
     if t < 2:
         raise ValueError(f"a prefix LM needs rows of at least 3 tokens (seq_len >= 2), got seq_len={t}")
-    p = torch.randint(1, t, (batch,), generator=generator, device=device)
+    p = batch_randint(1, t, (batch,), generator, device)  # per row of the global batch, whichever process holds it
     scored = torch.arange(t, device=device)[None, :] >= (p[:, None] - 1)
     return p, prefix_attention(p, t), scored
 
