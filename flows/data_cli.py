@@ -416,7 +416,7 @@ def _snapshot_of_run(ws: Workspace, run_id: str) -> tuple[str, dict]:
     """The snapshot_id param (or tag) of an MLflow run of this workspace, or of its parent runs (a
     fine-tuning cell's snapshot is on its variant run)."""
     hint = f"no snapshot {run_id!r} in the warehouse and no MLflow run with that id; {catalog.LIST_HINT}"
-    if not ws.mlflow_db.exists():  # opening a missing SQLite store would create one
+    if ws.local_mlflow and not ws.mlflow_db.exists():  # opening a missing SQLite store would create one
         raise WarehouseError(hint)
     from mlflow.exceptions import MlflowException
 

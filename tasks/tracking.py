@@ -24,6 +24,8 @@ def experiment_id(c: MlflowClient, ws: Workspace, name: str) -> str:
     exp = c.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
+    if not ws.local_mlflow:  # a tracking server stores artefacts where it is configured to
+        return c.create_experiment(name)
     return c.create_experiment(name, artifact_location=(ws.artifacts / name).as_uri())
 
 

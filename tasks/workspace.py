@@ -33,7 +33,13 @@ class Workspace:
 
     @property
     def mlflow_uri(self) -> str:
-        return f"sqlite:///{self.mlflow_db}"
+        """MLFLOW_TRACKING_URI when set (a shared tracking server, or a SQL database such as
+        postgresql://...), else the SQLite store in the workspace."""
+        return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{self.mlflow_db}"
+
+    @property
+    def local_mlflow(self) -> bool:
+        return self.mlflow_uri == f"sqlite:///{self.mlflow_db}"
 
     @property
     def artifacts(self) -> Path:
