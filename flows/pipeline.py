@@ -19,7 +19,7 @@ from rich.console import Console
 
 from flows.config import PipelineConfig, config_hash, load_config
 from flows.matrix import log_cell, log_variant_summary, run_cells
-from model.config import ConfigError, TrainConfig, load_dataclass, to_dict
+from model.config import ConfigError, TrainConfig, load_dataclass, run_identity, to_dict
 from model.objectives import EXAMPLE_KEYS, get_objective, preset
 from tasks import report as reporting
 from tasks.caching import run_stage
@@ -178,8 +178,11 @@ def _run(cfg, ws, db, c, exp_id, parent, stages, has_task, logger) -> dict:
     }
 
 
-def _prepare(cfg, db: str, ws, stages: Stages, has_task: bool) -> dict:
-    """ingest -> downstream task -> snapshot + split -> contamination -> tokenizer -> token shards."""
+def snapshot_stages(cfg, db: str, stages: Stages, has_task: bool) -> tuple[dict, dict | None]:
+    """ingest -> downstream task -> snapshot + split: the data version a run trains on, and its task.
+
+    Shared with the continual flow, which snapshots its watched sources the same way.
+    """
     sources = [asdict(s) for s in cfg.corpus.source_specs()]
     d = cfg.downstream
     ingest_sources = list(sources)
@@ -213,7 +216,14 @@ def _prepare(cfg, db: str, ws, stages: Stages, has_task: bool) -> dict:
                              test_frac=cfg.corpus.test_frac, near_dup=asdict(cfg.corpus.near_dup),
                              upstream_key=config_hash([upstream, task]))
     stages.done("snapshot + split", cached, f"{snap['snapshot_id']}: {snap['splits']}")
+    return snap, task
+
+
+def _prepare(cfg, db: str, ws, stages: Stages, has_task: bool) -> dict:
+    """ingest -> downstream task -> snapshot + split -> contamination -> tokenizer -> token shards."""
+    snap, task = snapshot_stages(cfg, db, stages, has_task)
     snapshot_id = snap["snapshot_id"]
+    d = cfg.downstream
 
     contamination = {}
     if task:
@@ -260,7 +270,7 @@ def _pretrain_variant(cfg, ws, c, exp_id, parent, data, objective, size, name, b
                                      tokenizer_path=tok["path"], out_dir=str(ex_dir))
         stages.done(f"examples {name}", cached, f"rows {examples['rows']}")
         tc.data_dir = str(ex_dir)
-        tc.out_dir = str(ws.stage_dir("runs", f"{objective}-{config_hash(to_dict(tc))}"))
+        tc.out_dir = str(ws.stage_dir("runs", f"{objective}-{config_hash(run_identity(tc))}"))
         train_config = to_dict(tc)
         log_dict(c, run_id, train_config, "config/train_config.json")
         log_params(c, run_id, {f"examples_{split}": n for split, n in examples["rows"].items()}

@@ -234,6 +234,17 @@ def to_dict(obj: Any) -> dict[str, Any]:
     return dataclasses.asdict(obj)
 
 
+# How a run is launched, not what it computes: a run saved under one setting resumes under another.
+LAUNCH_KEYS = ("nproc_per_node", "nnodes", "rdzv_endpoint", "parallelism", "activation_checkpointing",
+               "num_threads", "device", "compile")
+
+
+def run_identity(cfg: "TrainConfig") -> dict[str, Any]:
+    """The config minus its launch settings: what names a run's folder, so relaunching it with more
+    processes (or on another device) finds and resumes the same checkpoints."""
+    return {k: v for k, v in to_dict(cfg).items() if k not in LAUNCH_KEYS}
+
+
 def read_train_config(path: str | Path) -> TrainConfig:
     """A resolved training config written as JSON (beside a checkpoint, or for `model.train`)."""
     return load_dataclass(TrainConfig, json.loads(Path(path).read_text()))

@@ -77,3 +77,11 @@ def test_missing_and_malformed_config_files(tmp_path):
     bad.write_text(yaml.safe_dump(["a", "list"]))
     with pytest.raises(ConfigError, match="mapping"):
         load_config(bad)
+
+
+def test_a_run_folder_is_named_by_what_it_computes_not_how_it_is_launched():
+    from model.config import TrainConfig, run_identity
+
+    one, four = TrainConfig(batch_size=32), TrainConfig(batch_size=32, nproc_per_node=4, parallelism="fsdp")
+    assert run_identity(one) == run_identity(four)
+    assert run_identity(one) != run_identity(TrainConfig(batch_size=64))
