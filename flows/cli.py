@@ -1,4 +1,4 @@
-"""`pretrain`: the command line (Typer). demo, run, compare, objectives, ui, serve."""
+"""`pretrain`: the command line (Typer). demo, run, compare, continual, objectives, ui, serve."""
 from __future__ import annotations
 
 import logging
@@ -338,23 +338,160 @@ def ui(
 
 
 @app.command()
+def continual(
+    config: str = typer.Option("continual.yaml", "--config", "-c",
+                               help="Continual pretraining config (YAML), e.g. configs/continual.yaml."),
+    set_: list[str] = SetOption,
+) -> None:
+    """One run of the continual-pretraining flow now: on new data in the watched sources, continue
+    pretraining the champion, measure forgetting, and move the alias if the gate passes."""
+    ws = _prepare()
+    from flows.continual import check_watched, load_continual_config, read_config
+
+    try:  # the common mistakes (config file, continual section, watched folder) fail before anything starts
+        check_watched(read_config(config, set_, ws)[0])
+    except USER_ERRORS as exc:
+        fail(str(exc))
+    booting = _boot_prefect_server()
+    try:  # the rest of the config, while Prefect's server boots
+        cc, _ = load_continual_config(config, set_)
+    except USER_ERRORS as exc:
+        logging.getLogger("prefect").setLevel(logging.WARNING)
+        fail(str(exc))
+    from flows.continual import continual_pretraining
+
+    if booting:
+        booting.wait()
+    console.print(f"[bold]pretrain continual[/bold] {config}  workspace {ws.root}")
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    started = time.perf_counter()
+    try:
+        state = continual_pretraining(config_path=str(config), overrides=list(set_), return_state=True)
+    except Terminated:
+        _exit_after_failure("stopped by SIGTERM; training checkpoints are kept, re-run the same command to resume",
+                            128 + signal.SIGTERM)
+    try:
+        result = state.result()
+    except USER_ERRORS as exc:
+        _exit_after_failure(str(exc), 2)
+    except Exception as exc:  # noqa: BLE001 - any other failure: one line, details in Prefect's log above
+        _exit_after_failure(f"{type(exc).__name__}: {exc} (flow run state: {state.name})", 1)
+    out = Console()
+    out.print(f"{result['message']} ({time.perf_counter() - started:.1f} s)")
+    if result.get("trained"):
+        out.print(f"gate:              {result['gate']['decision']}: {'; '.join(result['gate']['reasons'])}")
+        out.print(f"registered model:  {cc.registered_model}, version {result['version']}; alias {cc.alias!r} -> "
+                  f"version {result['champion_version']}")
+        out.print(f"report:            {result['report']} (forgetting plot: {result['plot']})")
+        out.print(f"MLflow run:        {result['run_id']} (experiment id {result['experiment_id']})")
+
+
+@app.command()
+def strategies(
+    config: str = typer.Option("studies/strategies.yaml", "--config", "-c",
+                               help="Strategies study config (YAML), e.g. configs/studies/strategies.yaml."),
+    set_: list[str] = SetOption,
+) -> None:
+    """Compare pretraining strategies: static (general corpus), domain-only, general -> domain and
+    general -> domain -> task, each fine-tuned with seeds; a report with intervals in MLflow and Prefect."""
+    ws = _prepare()
+    booting = _boot_prefect_server()
+    from flows.strategies import load_strategies_config
+    from tasks.data import source_fingerprint
+
+    try:  # validate before Prefect starts: bad input fails in one line
+        sc, cfg = load_strategies_config(config, set_)
+        source_fingerprint([s.__dict__ for s in cfg.corpus.source_specs()])
+    except USER_ERRORS as exc:
+        logging.getLogger("prefect").setLevel(logging.WARNING)
+        fail(str(exc))
+    from flows.strategies import pretrain_strategies
+
+    if booting:
+        booting.wait()
+    console.print(f"[bold]pretrain strategies[/bold] {config}  workspace {ws.root}")
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    started = time.perf_counter()
+    try:
+        state = pretrain_strategies(config_path=str(config), overrides=list(set_), return_state=True)
+    except Terminated:
+        _exit_after_failure("stopped by SIGTERM; finished stages and training checkpoints are kept, "
+                            "re-run the same command to resume", 128 + signal.SIGTERM)
+    try:
+        result = state.result()
+    except USER_ERRORS as exc:
+        _exit_after_failure(str(exc), 2)
+    except Exception as exc:  # noqa: BLE001 - any other failure: one line, details in Prefect's log above
+        _exit_after_failure(f"{type(exc).__name__}: {exc} (flow run state: {state.name})", 1)
+    from tasks.report import fmt
+
+    methods = [k for k in (result["table"][0] if result["table"] else {})
+               if k not in ("variant", "phases", "heldout", "steps")]
+    corpora = list(result["corpora"])
+    table = Table(title="pretraining strategies (test scores: mean ± 95% interval over seeds)")
+    for column in ["variant", "phases (steps)", *(f"loss on {p}" for p in corpora),
+                   *(f"{m} accuracy" for m in methods), *(f"{m} macro-F1" for m in methods)]:
+        table.add_column(column, justify="left" if column in ("variant", "phases (steps)") else "right")
+    for row in result["table"]:
+        losses = [f"{row['heldout'][p]:.3f}" if p in row["heldout"] else "-" for p in corpora]
+        scores = [fmt(*row[m][k]) for k in ("accuracy", "macro_f1") for m in methods]
+        table.add_row(row["variant"], row["phases"], *losses, *scores)
+    out = Console()
+    out.print(table)
+    out.print(f"finished in {time.perf_counter() - started:.1f} s")
+    out.print(f"report:            {result['report']} (shareable: {result['html']})")
+    out.print(f"MLflow experiment: {result['experiment']} (id {result['experiment_id']}), parent run {result['parent_run_id']}")
+
+
+def _continual_deployment(config: str, overrides: list[str], every: int, cron: str):
+    """The continual deployment as prefect.yaml declares it: one run at a time, late runs queued."""
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+
+    from flows.continual import continual_pretraining
+
+    schedule = {"cron": cron} if cron else {"interval": every}
+    return continual_pretraining.to_deployment(
+        name="continual", parameters={"config_path": config, "overrides": overrides}, tags=["pretrain", "continual"],
+        concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE),
+        description="Continual pretraining on new data in the watched sources; the alias moves when the gate passes.",
+        **schedule)
+
+
+@app.command()
 def serve(
     config: str = typer.Option("demo.yaml", "--config", "-c", help="Pipeline config for the scheduled runs."),
     cron: str = typer.Option("0 3 * * *", help="Schedule (cron, UTC)."),
     name: str = typer.Option("pretrain-pipeline", help="Deployment name."),
     prefect_port: int = typer.Option(4200, help="Port of the Prefect server started when none is configured."),
     set_: list[str] = SetOption,
+    continual_config: str = typer.Option("continual.yaml", "--continual-config",
+                                         help="Config of the continual-pretraining deployment."),
+    continual_every: int = typer.Option(3600, "--continual-every", min=1,
+                                        help="Seconds between continual-pretraining runs."),
+    continual_cron: str = typer.Option("", "--continual-cron", help="Cron schedule (UTC) instead of --continual-every."),
+    continual_set: list[str] = typer.Option([], "--continual-set", help="Override a continual config key (repeatable)."),
+    no_continual: bool = typer.Option(False, "--no-continual", help="Serve the pipeline deployment only."),
 ) -> None:
-    """Serve the pipeline deployment with its schedule (no work pool needed); runs show in the Prefect UI."""
-    _prepare()
+    """Serve the pipeline deployment and the continual-pretraining deployment with their schedules (no work
+    pool needed); runs show in the Prefect UI."""
+    ws = _prepare()
     from flows.config import load_config
 
     try:
         load_config(config, set_)
+        if not no_continual:
+            from flows.continual import load_continual_config, watched_folders
+
+            cc, _ = load_continual_config(continual_config, continual_set)
+            for folder in watched_folders(cc, ws):
+                folder.mkdir(parents=True, exist_ok=True)
+                console.print(f"continual: drop text files into {folder}")
     except USER_ERRORS as exc:
         # The early server is stopped at exit; its "Stopping temporary server" line would be a second line.
         logging.getLogger("prefect").setLevel(logging.WARNING)
         fail(str(exc))
+    from prefect import serve as serve_deployments
+
     from flows.pipeline import pretrain_pipeline
 
     from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -369,7 +506,12 @@ def serve(
         console.print(f"Prefect server and UI on {url} (stopped with this command)")
     try:
         with temporary_settings(updates={PREFECT_API_URL: api_url}):
-            pretrain_pipeline.serve(name=name, cron=cron, parameters={"config_path": config, "overrides": list(set_)})
+            deployments = [pretrain_pipeline.to_deployment(name=name, cron=cron,
+                                                           parameters={"config_path": config, "overrides": list(set_)})]
+            if not no_continual:
+                deployments.append(_continual_deployment(continual_config, list(continual_set), continual_every,
+                                                         continual_cron))
+            serve_deployments(*deployments)
     finally:
         if server is not None:
             _stop([server])
