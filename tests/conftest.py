@@ -24,6 +24,17 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(autouse=True)
+def _restore_environment():
+    """A command run in-process (Typer's CliRunner) points PREFECT_HOME at its workspace for the rest of the
+    process; without this, later tests' subprocesses would share that workspace's Prefect database."""
+    before = dict(os.environ)
+    yield
+    for key in set(os.environ) - set(before):
+        del os.environ[key]
+    os.environ.update(before)
+
+
 @pytest.fixture(scope="session")
 def prefect_harness(tmp_path_factory):
     """A real Prefect server (temporary database) shared by the tests that run flows."""

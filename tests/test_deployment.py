@@ -4,22 +4,28 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.conftest import ROOT
 
 
-def test_prefect_yaml_entrypoint_and_parameters_are_valid():
+@pytest.mark.parametrize("name,flow_name", [("pretrain-demo", "pretrain-pipeline"),
+                                            ("continual", "continual-pretraining")])
+def test_prefect_yaml_entrypoint_and_parameters_are_valid(name, flow_name, workspace):
     from prefect.flows import load_flow_from_entrypoint
 
     spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
-    (dep,) = spec["deployments"]
+    assert sorted(d["name"] for d in spec["deployments"]) == ["continual", "pretrain-demo"]
+    (dep,) = [d for d in spec["deployments"] if d["name"] == name]
     flow = load_flow_from_entrypoint(str(ROOT / dep["entrypoint"]))
-    assert flow.name == "pretrain-pipeline"
+    assert flow.name == flow_name
     flow.validate_parameters(dep["parameters"])
-    from flows.config import load_config
-
-    load_config(dep["parameters"]["config_path"], dep["parameters"]["overrides"])
+    if name == "continual":
+        from flows.continual import load_continual_config as load
+    else:
+        from flows.config import load_config as load
+    load(dep["parameters"]["config_path"], dep["parameters"]["overrides"])
 
 
 def test_prefect_deploy_registers_the_scheduled_deployment(prefect_harness):

@@ -172,9 +172,10 @@ def test_ui_serves_earlier_runs_on_loopback(cli_runs):
         # the report's plots, shown in the Prefect UI, are served by the MLflow UI from the parent run
         images = _get(f"http://127.0.0.1:{pp}/api/artifacts/filter", b'{"artifacts": {"type": {"any_": ["image"]}}}')
         assert {a["key"] for a in images} >= {"report-loss-curves", "report-downstream", "report-finetune-curves"}
-        url = images[0]["data"].replace("http://127.0.0.1:5000", f"http://127.0.0.1:{mp}")
-        with urllib.request.urlopen(url, timeout=10) as r:
-            assert r.read(8) == b"\x89PNG\r\n\x1a\n"
+        for image in images:
+            url = image["data"].replace("http://127.0.0.1:5000", f"http://127.0.0.1:{mp}")
+            with urllib.request.urlopen(url, timeout=10) as r:
+                assert r.read(8) == b"\x89PNG\r\n\x1a\n", url
         listening = subprocess.run(["ss", "-ltnH"], capture_output=True, text=True).stdout
         for port in (pp, mp):
             binds = [ln.split()[3] for ln in listening.splitlines() if ln.split()[3].endswith(f":{port}")]
