@@ -256,9 +256,22 @@ def objectives() -> None:
     Console().print(table)
 
 
-def _start(cmd: list[str], env: dict) -> subprocess.Popen:
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+def _start(cmd: list[str], env: dict, log: Path) -> subprocess.Popen:
+    """A server in its own session, its output appended to `log`: a pipe nobody drains would stall a
+    server that runs for days once its buffer fills."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    proc.log = log
+    return proc
+
+
+def _last_line(log: Path) -> str:
+    try:
+        lines = log.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return lines[-1] if lines else ""
 
 
 def _prefect_server_cmd(host: str, port: int) -> list[str]:
@@ -291,10 +304,9 @@ def _wait_healthy(procs: dict, health: dict, ports: dict, timeout: float, on_rea
     while pending and time.monotonic() < deadline:
         for name in list(pending):
             if procs[name].poll() is not None:
-                err = (procs[name].stderr.read() or "").strip().splitlines()
                 _stop(procs.values())
-                fail(f"the {name} server exited: {err[-1] if err else 'no output'} "
-                     f"(is port {ports[name]} in use? pass --{name.lower()}-port)")
+                fail(f"the {name} server exited: {_last_line(procs[name].log) or 'no output'} "
+                     f"(is port {ports[name]} in use? pass --{name.lower()}-port; log {procs[name].log})")
             if _answers(health[name]):
                 pending.discard(name)
                 if on_ready:
@@ -320,7 +332,8 @@ def ui(
     env = _server_env(host, prefect_port)
     mlflow_cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", ws.mlflow_uri,
                   "--default-artifact-root", ws.artifacts.as_uri(), "--host", host, "--port", str(mlflow_port)]
-    procs = {"Prefect": _start(_prefect_server_cmd(host, prefect_port), env), "MLflow": _start(mlflow_cmd, env)}
+    procs = {"Prefect": _start(_prefect_server_cmd(host, prefect_port), env, ws.root / "logs" / "prefect-server.log"),
+             "MLflow": _start(mlflow_cmd, env, ws.root / "logs" / "mlflow-server.log")}
     shown = "127.0.0.1" if host in LOOPBACK else host
     urls = {"Prefect": f"http://{shown}:{prefect_port}", "MLflow": f"http://{shown}:{mlflow_port}"}
     health = {"Prefect": urls["Prefect"] + "/api/health", "MLflow": urls["MLflow"] + "/health"}
@@ -500,7 +513,8 @@ def serve(
     if not api_url:
         # Schedules need a real server (a temporary one runs no scheduler): start one on loopback.
         url = f"http://127.0.0.1:{prefect_port}"
-        server = _start(_prefect_server_cmd("127.0.0.1", prefect_port), _server_env("127.0.0.1", prefect_port))
+        server = _start(_prefect_server_cmd("127.0.0.1", prefect_port), _server_env("127.0.0.1", prefect_port),
+                        ws.root / "logs" / "prefect-server.log")
         _wait_healthy({"Prefect": server}, {"Prefect": f"{url}/api/health"}, {"Prefect": prefect_port}, 90)
         api_url = f"{url}/api"
         console.print(f"Prefect server and UI on {url} (stopped with this command)")

@@ -330,7 +330,7 @@ def _created(db: str, snapshot_id: str):
 def _train_update(cc, cfg, ws, c, db, snap, task_info, done, stages, logger) -> dict:
     from flows.config import config_hash
     from model.checkpoint import load_train_config
-    from model.config import TrainConfig, to_dict
+    from model.config import TrainConfig, run_identity, to_dict
     from model.objectives import EXAMPLE_KEYS, get_objective, preset
     from prefect.runtime import flow_run
     from tasks import registry
@@ -392,7 +392,7 @@ def _train_update(cc, cfg, ws, c, db, snap, task_info, done, stages, logger) -> 
     exp_id = experiment_id(c, ws, cfg.experiment)
     update_no = len(done) + 1
     tc.data_dir = str(data_dir / "examples")
-    tc.out_dir = str(home / "runs" / f"{update_no:03d}-{snapshot_id}-{config_hash(to_dict(tc))}")
+    tc.out_dir = str(home / "runs" / f"{update_no:03d}-{snapshot_id}-{config_hash(run_identity(tc))}")
     train_config = to_dict(tc)
     tags = {"snapshot_id": snapshot_id, "registered_model": name, "git_commit": git_commit(),
             "prefect.flow_run_id": str(flow_run.get_id() or ""), "prefect.flow_run_name": flow_run.get_name() or ""}

@@ -32,7 +32,7 @@ from prefect.runtime import flow_run
 
 from flows.config import PipelineConfig, apply_overrides, config_hash, resolve_config_path
 from flows.pipeline import Stages, snapshot_stages
-from model.config import SIZES, ConfigError, TrainConfig, load_dataclass, to_dict
+from model.config import SIZES, ConfigError, TrainConfig, load_dataclass, run_identity, to_dict
 from model.objectives import EXAMPLE_KEYS, OBJECTIVES, get_objective, preset
 from tasks import report as reporting
 from tasks.caching import run_stage, stage_cache_key
@@ -316,7 +316,7 @@ def _train_variant(sc, ws, c, exp_id, parent, name, plan, base, corpora, tok, ba
     for i, (phase, steps) in enumerate(plan):
         tc = copy.deepcopy(base)
         tc.max_steps, tc.data_dir, tc.init_from = steps, corpora[phase]["examples"], init_from
-        tc.out_dir = str(ws.stage_dir("runs", f"strategy-{sc.objective}-{config_hash(to_dict(tc))}"))
+        tc.out_dir = str(ws.stage_dir("runs", f"strategy-{sc.objective}-{config_hash(run_identity(tc))}"))
         train_config = to_dict(tc)
         log_dict(c, run_id, train_config, f"config/phase{i + 1}-{phase}.json")
         result, cached = run_stage(pretrain, train_config=train_config, tokenizer_path=tok["path"], mlflow_run_id=run_id)

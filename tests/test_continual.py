@@ -307,7 +307,7 @@ def test_serve_serves_the_pipeline_and_the_continual_deployment(tmp_path):
         port = s.getsockname()[1]
     home = tmp_path / "ws"
     proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--prefect-port", str(port), "--continual-every",
-                             "600"], cwd=ROOT, env={**os.environ, "PRETRAIN_HOME": str(home)},
+                             "5"], cwd=ROOT, env={**os.environ, "PRETRAIN_HOME": str(home), "PREFECT_RUNNER_POLL_FREQUENCY": "2"},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         deadline, seen = time.monotonic() + 150, ""
@@ -318,14 +318,26 @@ def test_serve_serves_the_pipeline_and_the_continual_deployment(tmp_path):
             seen += line
         assert "being served" in seen, seen[-2000:]
         assert f"continual: drop text files into {home / 'incoming'}" in seen and (home / "incoming").is_dir()
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/api/deployments/filter", data=b"{}",
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=10) as r:
-            deps = {d["name"]: d for d in json.loads(r.read())}
+        def post(path: str, body: dict) -> list[dict]:
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/api/{path}", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return json.loads(r.read())
+
+        deps = {d["name"]: d for d in post("deployments/filter", {})}
         assert set(deps) == {"pretrain-pipeline", "continual"}
         continual = deps["continual"]
         assert continual["parameters"] == {"config_path": "continual.yaml", "overrides": []}
-        assert [s["schedule"]["interval"] for s in continual["schedules"]] == [600.0]
+        assert [s["schedule"]["interval"] for s in continual["schedules"]] == [5.0]
+        # The server's scheduler creates the runs and `serve` executes them: the first ones find the
+        # watched folder empty and end as Completed "no new data".
+        done, deadline = [], time.monotonic() + 120
+        while not done and time.monotonic() < deadline:
+            runs = post("flow_runs/filter", {"flow_runs": {"deployment_id": {"any_": [continual["id"]]}}})
+            done = [r for r in runs if r["state_type"] == "COMPLETED"]
+            time.sleep(2)
+        assert done, [(r["name"], r["state_type"]) for r in runs]
+        assert "no new data" in done[0]["state"]["message"]
         assert continual["global_concurrency_limit"]["limit"] == 1
         assert continual["concurrency_options"]["collision_strategy"] == "ENQUEUE"
     finally:
