@@ -359,10 +359,12 @@ def continual(
     """One run of the continual-pretraining flow now: on new data in the watched sources, continue
     pretraining the champion, measure forgetting, and move the alias if the gate passes."""
     ws = _prepare()
-    from flows.continual import check_watched, load_continual_config, read_config
+    from flows.continual import check_watched, create_watched_folders, load_continual_config, read_config
 
     try:  # the common mistakes (config file, continual section, watched folder) fail before anything starts
-        check_watched(read_config(config, set_, ws)[0])
+        cc = read_config(config, set_, ws)[0]
+        create_watched_folders(cc, ws)
+        check_watched(cc)
     except USER_ERRORS as exc:
         fail(str(exc))
     booting = _boot_prefect_server()
@@ -493,11 +495,10 @@ def serve(
     try:
         load_config(config, set_)
         if not no_continual:
-            from flows.continual import load_continual_config, watched_folders
+            from flows.continual import create_watched_folders, load_continual_config
 
             cc, _ = load_continual_config(continual_config, continual_set)
-            for folder in watched_folders(cc, ws):
-                folder.mkdir(parents=True, exist_ok=True)
+            for folder in create_watched_folders(cc, ws):
                 console.print(f"continual: drop text files into {folder}")
     except USER_ERRORS as exc:
         # The early server is stopped at exit; its "Stopping temporary server" line would be a second line.

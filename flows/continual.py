@@ -198,6 +198,15 @@ def watched_folders(cc: ContinualConfig, ws: Workspace) -> list[Path]:
     return out
 
 
+def create_watched_folders(cc: ContinualConfig, ws: Workspace) -> list[Path]:
+    """A watched folder inside the workspace is created empty (a deployment's first run, before anything was
+    dropped, is then "no new data"); one elsewhere must exist, since a missing one is more likely a typo."""
+    folders = watched_folders(cc, ws)
+    for folder in folders:
+        folder.mkdir(parents=True, exist_ok=True)
+    return folders
+
+
 def watch_fingerprint(cc: ContinualConfig, data: dict) -> tuple[str, int]:
     """(hash of everything a snapshot depends on, number of watched files).
 
@@ -265,6 +274,7 @@ def continual_pretraining(config_path: str = "continual.yaml", overrides: list[s
     logger = get_run_logger()
     cc, data = read_config(config_path, overrides or [], ws)
     state_dir = ws.stage_dir("continual", cc.registered_model)
+    create_watched_folders(cc, ws)
     fingerprint, n_files = watch_fingerprint(cc, data)
     if n_files == 0:
         where = ", ".join(s.path for s in cc.sources)

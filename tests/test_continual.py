@@ -295,6 +295,11 @@ def test_cli_continual_missing_folder_is_one_line_and_an_empty_one_is_no_new_dat
                     env=env, timeout=300)
     assert empty.returncode == 0, empty.stderr[-2000:]
     assert "no new data: the watched sources hold no files yet" in empty.stdout
+    # The shipped config watches a folder inside the workspace: a first run creates it and finds nothing.
+    first = run_cli("continual", env=env, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "no new data: the watched sources hold no files yet" in first.stdout
+    assert (tmp_path / "ws" / "incoming").is_dir()
 
 
 def test_serve_serves_the_pipeline_and_the_continual_deployment(tmp_path):
