@@ -117,6 +117,9 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     compile: str = "auto"  # auto (on for CUDA) | true | false
+    # Dense bf16 TFLOP/s of one device, the denominator of the logged MFU; 0: looked up from the GPU's
+    # name (model.train.PEAK_TFLOPS), and no MFU where the name is not there (the CPU).
+    peak_tflops: float = 0.0
     num_threads: int = 0  # CPU threads; 0 leaves torch's default
     max_flops: float = 0.0  # stop at this many training FLOPs instead of max_steps (equal-compute studies); 0: off
     # Masked LM family (mlm, mlm-static, mlm-wwm, nsp, sop, electra)
@@ -164,6 +167,14 @@ class TrainConfig:
             raise ConfigError(f"train.batch_size={self.batch_size} (the global batch) is not divisible by the "
                               f"{self.nproc_per_node * self.nnodes} processes; make it a multiple of "
                               "nproc_per_node * nnodes")
+        # YAML's `compile: true` arrives as the string "True": compare lower-cased, refuse the rest.
+        self.compile = str(self.compile).lower()
+        if self.compile not in ("auto", "true", "false"):
+            raise ConfigError(f"train.compile={self.compile!r} is unknown; use auto, true or false")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"train.precision={self.precision!r} is unknown; use auto, fp32 or bf16")
+        if self.peak_tflops < 0:
+            raise ConfigError(f"train.peak_tflops={self.peak_tflops} must be 0 (look it up) or a positive TFLOP/s")
         if self.grad_accum_steps < 1:
             raise ConfigError(f"train.grad_accum_steps={self.grad_accum_steps} must be at least 1")
         if not 0 < self.mask_prob < 1:
@@ -236,7 +247,7 @@ def to_dict(obj: Any) -> dict[str, Any]:
 
 # How a run is launched, not what it computes: a run saved under one setting resumes under another.
 LAUNCH_KEYS = ("nproc_per_node", "nnodes", "rdzv_endpoint", "parallelism", "activation_checkpointing",
-               "num_threads", "device", "compile")
+               "num_threads", "device", "compile", "peak_tflops")
 
 
 def run_identity(cfg: "TrainConfig") -> dict[str, Any]:

@@ -90,7 +90,7 @@ class RowLoader:
     """
 
     def __init__(self, rows: np.ndarray, batch_size: int, seed: int, state: LoaderState | None = None,
-                 rank: int = 0, world: int = 1):
+                 rank: int = 0, world: int = 1, pin_memory: bool = False):
         if len(rows) < batch_size:
             raise ValueError(
                 f"only {len(rows)} training examples for batch_size={batch_size}; "
@@ -101,10 +101,18 @@ class RowLoader:
                              "processes; make it a multiple of the number of processes")
         self.rows, self.batch_size, self.seed = rows, batch_size, seed
         self.rank, self.world = rank, world
+        # Page-locked batches let `.to(cuda, non_blocking=True)` return at once: from pageable memory
+        # the copy would block the host until the device has caught up.
+        self.pin_memory = pin_memory
         self.state = state or LoaderState()
+        self._epoch_order: tuple[int, np.ndarray] | None = None
 
     def _order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng((self.seed, epoch)).permutation(len(self.rows))
+        # Drawn once per epoch: a permutation of millions of rows every step would cost the host more
+        # than a small model's step costs the GPU.
+        if self._epoch_order is None or self._epoch_order[0] != epoch:
+            self._epoch_order = (epoch, np.random.default_rng((self.seed, epoch)).permutation(len(self.rows)))
+        return self._epoch_order[1]
 
     @property
     def window(self) -> tuple[int, int]:
@@ -118,7 +126,8 @@ class RowLoader:
         idx = np.sort(order[self.state.position : self.state.position + self.batch_size])
         self.state.position += self.batch_size
         start, stop = self.window
-        return torch.from_numpy(self.rows[idx[start:stop]].astype(np.int64))
+        batch = torch.from_numpy(self.rows[idx[start:stop]].astype(np.int64))
+        return batch.pin_memory() if self.pin_memory else batch
 
 
 def eval_batches(rows: np.ndarray, batch_size: int, max_batches: int):

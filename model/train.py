@@ -57,6 +57,58 @@ def autocast_for(cfg: TrainConfig, device: torch.device):
     return contextlib.nullcontext
 
 
+# Dense bf16 tensor-core peak of one device, TFLOP/s (vendor datasheets, without sparsity). Matched
+# as substrings of `torch.cuda.get_device_name()`, first match wins: the more specific names first.
+PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.0),
+    ("H200", 989.0),
+    ("A100", 312.0),
+)
+
+
+def peak_flops(device: torch.device, override_tflops: float = 0.0) -> float | None:
+    """FLOP/s one device can do at most (the MFU denominator): the override, else the table entry for
+    the GPU's name; None when neither applies (the CPU, an unlisted GPU), and then no MFU is logged."""
+    if override_tflops > 0:
+        return override_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tflops * 1e12 for key, tflops in PEAK_TFLOPS if key in name), None)
+
+
+def mfu(flops_per_s: float, peak: float | None, devices: int = 1) -> float | None:
+    """Model FLOPs utilisation: the FLOPs the model's accounting says a step needs, per second, over the
+    peak of all devices."""
+    return flops_per_s / (peak * devices) if peak else None
+
+
+class LossWindow:
+    """The training loss summed on the device between two logs, read once per log_interval.
+
+    Adding is a device-side add, so the host never waits for the device; the caller reads `mean()`
+    (the one host-device sync) every log_interval steps and resets the window.
+    """
+
+    def __init__(self):
+        self.total, self.count = None, 0
+
+    def add(self, loss: torch.Tensor, micro_batches: int = 1) -> None:
+        """`loss`: the sum of `micro_batches` micro-batch losses."""
+        loss = loss.detach().float()
+        self.total = loss if self.total is None else self.total + loss
+        self.count += micro_batches
+
+    def mean(self) -> torch.Tensor | None:
+        """The mean as a device tensor (no sync); None when nothing was added (every step skipped)."""
+        return None if self.total is None else self.total / self.count
+
+    def reset(self) -> None:
+        self.total, self.count = None, 0
+
+
 @torch.no_grad()
 def evaluate(model, rows, cfg: TrainConfig, device: torch.device, amp, world: World = World()) -> dict[str, float]:
     """Mean loss and objective statistics over the same validation rows and masks every time.
@@ -247,11 +299,13 @@ def _train(cfg: TrainConfig, world: World, device: torch.device) -> dict:
     if cfg.activation_checkpointing:
         enable_activation_checkpointing(model)
     train_rows, val_rows = load_rows(cfg.data_dir, "train"), load_rows(cfg.data_dir, "validation")
-    loader = RowLoader(train_rows, cfg.batch_size, cfg.seed, rank=world.rank, world=world.size)
+    loader = RowLoader(train_rows, cfg.batch_size, cfg.seed, rank=world.rank, world=world.size,
+                       pin_memory=device.type == "cuda")
     gen = torch.Generator(device=device).manual_seed(cfg.seed)  # the same on every process (see data.row_window)
     tokens_per_step = cfg.batch_size * cfg.grad_accum_steps * cfg.seq_len  # global
     flops_per_step = model.flops_per_token(cfg.seq_len) * tokens_per_step
     max_steps = total_steps(cfg, flops_per_step)
+    peak = peak_flops(device, cfg.peak_tflops)
 
     checkpoints = CheckpointManager(out_dir / "checkpoints", cfg.keep_checkpoints)
     start_step, skipped, last = 0, 0, {}
@@ -350,14 +404,23 @@ def _train(cfg: TrainConfig, world: World, device: torch.device) -> dict:
     token_mean = world.distributed and getattr(model, "loss_is_token_cross_entropy", True)
     fail_at = _injected_failure()
     bad_step = torch.tensor(-1, device=device)  # first step with a non-finite loss, kept on the device
+    losses = LossWindow()
     started = time.perf_counter()
     window_start, window_steps = started, 0
+
+    def wait_for_device() -> float:
+        """Now, once the queued steps are done: evaluation and saves are then kept out of the
+        throughput window (only at eval / save steps, which sync anyway)."""
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
     with progress, _SigtermFlag() as sigterm:
         bar = progress.add_task("train", total=max_steps, completed=start_step, loss="-", tps="-")
         for step in range(start_step + 1, max_steps + 1):
             if fail_at == f"{world.rank}:{init['step'] + step}":
                 raise RuntimeError(f"injected failure on rank {world.rank} at step {init['step'] + step} "
                                    "(the PRETRAIN_FAIL_AT test hook)")
+            step_loss = None
             for micro in range(cfg.grad_accum_steps):
                 batch = loader.next_batch().to(device, non_blocking=True)
                 last_micro = micro == cfg.grad_accum_steps - 1
@@ -367,6 +430,7 @@ def _train(cfg: TrainConfig, world: World, device: torch.device) -> dict:
                     if token_mean:
                         loss = loss * distributed.token_weight(stats["n_predicted"], world, device)
                     (loss / cfg.grad_accum_steps).backward()
+                step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
             # The norm is of the gradients averaged over processes, so every process agrees on `finite`.
             finite = torch.isfinite(loss) & torch.isfinite(distributed.plain_norm(grad_norm))
@@ -375,26 +439,44 @@ def _train(cfg: TrainConfig, world: World, device: torch.device) -> dict:
                 optimizer.zero_grad(set_to_none=True)
                 emit(step, {"train/skipped_nonfinite": 1.0})
             else:
-                bad_step = torch.where(~finite & (bad_step < 0), torch.tensor(step, device=device), bad_step)
+                # A Python scalar, not torch.tensor(step, device=...): that one is a blocking host-to-device copy.
+                bad_step = torch.where(~finite & (bad_step < 0), step, bad_step)
+                losses.add(step_loss, cfg.grad_accum_steps)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             window_steps += 1
             if step % cfg.log_interval == 0 or step == max_steps:
                 _raise_if_nonfinite(bad_step)
-                loss_value = distributed.mean(loss, world).item()  # the global batch's loss on every process
+                window_loss = losses.mean()
+                # The mean over the window's steps and micro-batches, of the global batch on every
+                # process; the one read of the loss per log_interval. None: every step was skipped.
+                loss_value = distributed.mean(window_loss, world).item() if window_loss is not None else None
+                losses.reset()
                 now = time.perf_counter()
                 tps = window_steps * tokens_per_step / (now - window_start)
                 window_start, window_steps = now, 0
-                emit(step, {"train/loss": loss_value, "train/lr": scheduler.get_last_lr()[0],
-                            "throughput/tokens_per_s": tps, "train/flops": init["flops"] + step * flops_per_step})
-                progress.update(bar, loss=f"{loss_value:.3f}", tps=f"{tps:,.0f}")
-            if step % cfg.eval_interval == 0 or step == max_steps:
+                row = {"train/lr": scheduler.get_last_lr()[0], "throughput/tokens_per_s": tps,
+                       "train/flops": init["flops"] + step * flops_per_step}
+                if loss_value is not None:
+                    row["train/loss"] = loss_value
+                if peak:
+                    row["throughput/mfu"] = mfu(tps * flops_per_step / tokens_per_step, peak, world.size)
+                if device.type == "cuda":
+                    row["memory/peak_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+                emit(step, row)
+                progress.update(bar, loss="-" if loss_value is None else f"{loss_value:.3f}", tps=f"{tps:,.0f}")
+            evaluating = step % cfg.eval_interval == 0 or step == max_steps
+            saving = step % interval == 0 or step == max_steps
+            paused = wait_for_device() if evaluating or saving else 0.0
+            if evaluating:
                 last = {"step": step, **evaluate(model, val_rows, cfg, device, amp, world)}
                 emit(step, {**{k: v for k, v in last.items() if k != "step"},
                             "train/flops": init["flops"] + step * flops_per_step})
-            if step % interval == 0 or step == max_steps:
+            if saving:
                 checkpoint(step)
+            if evaluating or saving:
+                window_start += time.perf_counter() - paused
             progress.update(bar, advance=1)
             # A SIGTERM reaches the processes at slightly different steps; agreeing on it (a host-side
             # flag, no device sync) makes them all stop after the same step.
@@ -411,6 +493,7 @@ def _train(cfg: TrainConfig, world: World, device: torch.device) -> dict:
     state = train_state(max_steps)
     module, _ = saved_state(with_optimizer=False)
     trained_steps = max_steps - start_step
+    tokens_per_s = trained_steps * tokens_per_step / elapsed if trained_steps else 0.0
     summary = {
         **{k: v for k, v in last.items() if k != "step"},
         "tokens_seen": state["tokens_seen"],
@@ -422,25 +505,29 @@ def _train(cfg: TrainConfig, world: World, device: torch.device) -> dict:
         "init_step": init["step"],
         "n_params": sum(p.numel() for p in model.parameters()),
         "train_seconds": elapsed,
-        "throughput/tokens_per_s": trained_steps * tokens_per_step / elapsed if trained_steps else 0.0,
+        "throughput/tokens_per_s": tokens_per_s,
         "device": str(device),
         "resumed_from_step": start_step,
         "skipped_steps": skipped,
     }
     if world.distributed:
         summary.update({"world_size": world.size, "parallelism": cfg.parallelism})
+    if peak and trained_steps:  # over the whole run, evaluation and saves included (as tokens/s above)
+        summary["mfu"] = mfu(tokens_per_s * flops_per_step / tokens_per_step, peak, world.size)
+    if device.type == "cuda":
+        summary["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     if world.main:
         save_checkpoint(out_dir / "checkpoint", module, cfg, state)
         earlier = out_dir / "summary.json"
         if not trained_steps and earlier.exists():  # nothing left to train: keep the speed the run was trained at
             before = json.loads(earlier.read_text())
-            summary.update({k: before[k] for k in ("throughput/tokens_per_s", "train_seconds") if k in before})
+            summary.update({k: before[k] for k in ("throughput/tokens_per_s", "train_seconds", "mfu") if k in before})
         earlier.write_text(json.dumps(summary, indent=2))
     distributed.barrier()
     return summary
 
 
-@record  # under torchrun: an uncaught exception goes to this rank's error file, which the supervisor reports
+@record  # an uncaught exception goes to this rank's error file (TORCHELASTIC_ERROR_FILE), which the supervisor reports
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="resolved training config (JSON)")
@@ -454,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + signal.SIGTERM
     except (ConfigError, CheckpointError, FileNotFoundError, ValueError, FloatingPointError) as exc:
         console.print(f"[red]error:[/red] {exc}")
-        ErrorHandler().record_exception(exc)  # the one-line error in this rank's error file (torchrun only)
+        ErrorHandler().record_exception(exc)  # the one-line error in this rank's error file, for the supervisor
         return 2
     if distributed.world_from_env().main:
         console.print(f"done: val/loss={summary.get('val/loss', float('nan')):.4f} "
