@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,11 +94,34 @@ class DownstreamConfig:
         return out
 
 
+TASK_RUNNERS = ("thread", "dask")
+# [protocol://]host:port, checked at load: a typo would otherwise surface mid-study, after a 30 s connect timeout.
+DASK_ADDRESS = re.compile(r"^([a-z]+://)?(\[[0-9a-fA-F:.]+\]|[^\s/:\[\]]+):\d+$")
+
+
 @dataclass
 class StudyConfig:
     sizes: list[str] = field(default_factory=list)  # model sizes crossed with the objectives; empty = model.size
     max_parallel: int = 1  # fine-tuning cells run at once; the CPU threads are shared out between them
     alpha: float = 0.05  # significance level of the paired tests (Holm-corrected)
+    # Where the fine-tuning cells run: `thread` (a pool in the flow's process) or `dask` (worker
+    # processes: a local cluster started for the study, or the cluster at `dask_address`).
+    task_runner: str = "thread"
+    dask_address: str = ""  # an existing scheduler, e.g. tcp://10.0.0.5:8786; empty = a local cluster
+    dask_workers: int = 0  # worker processes of the local cluster; 0 = study.max_parallel
+
+    def __post_init__(self):
+        if self.task_runner not in TASK_RUNNERS:
+            raise ConfigError(f"study.task_runner is {self.task_runner!r}; choose one of {', '.join(TASK_RUNNERS)}")
+        if self.dask_address and self.task_runner != "dask":
+            raise ConfigError(f"study.dask_address is set but study.task_runner is {self.task_runner!r}; "
+                              "set study.task_runner: dask")
+        if self.dask_address and not DASK_ADDRESS.match(str(self.dask_address)):
+            raise ConfigError(f"study.dask_address {self.dask_address!r} is not a scheduler address; "
+                              "e.g. tcp://10.0.0.5:8786")
+        if self.dask_workers < 0 or (self.dask_workers and self.dask_address):
+            raise ConfigError("study.dask_workers must be >= 0 and is for the local cluster only; "
+                              "with study.dask_address the cluster's own workers run the cells")
 
 
 @dataclass

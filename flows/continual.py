@@ -545,7 +545,7 @@ def _downstream(cfg, c, exp_id, run_id, db, task_info, tok, checkpoint, champ, t
                 f"validation accuracy {cell['scores']['validation']['accuracy']:.3f}")
         stages.done(f"finetune {cell['variant']} {cell['method']} s{cell['seed']}", cached, what)
 
-    cells = run_cells(variants, methods, cfg.downstream.seeds, common, cfg.study.max_parallel, on_done)
+    cells = run_cells(variants, methods, cfg.downstream.seeds, common, cfg.study, on_done)
     failed = [x for x in cells if x.get("error")]
     if failed:
         raise RuntimeError(f"fine-tuning {failed[0]['variant']} failed: {failed[0]['error']}")

@@ -1,23 +1,30 @@
 """The fine-tuning matrix of a study: every variant x method x seed is a cell, run as a Prefect task.
 
 Cells are independent, so they run `study.max_parallel` at a time on a thread pool (torch releases
-the GIL in its kernels; the CPU threads are shared out between the cells). A cell that fails is
-recorded with its error and the others go on. Each cell is an MLflow run nested under its variant's
-run, with the same keys everywhere (objective, model_size, method, seed; test/accuracy ...), so
-MLflow's "compare runs" view lines them up.
+the GIL in its kernels; the CPU threads are shared out between the cells), or, with
+`study.task_runner: dask`, on Dask worker processes: a local cluster started for the study, or an
+existing cluster on other machines. A cell that fails is recorded with its error and the others go
+on. Each cell is an MLflow run nested under its variant's run, with the same keys everywhere
+(objective, model_size, method, seed; test/accuracy ...), so MLflow's "compare runs" view lines them
+up; only this process writes to MLflow, wherever the cells ran.
 """
 from __future__ import annotations
 
+import logging
 import os
 from collections import defaultdict
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
-from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
+from flows.config import StudyConfig
 from model.checkpoint import MARKER, sha256_file
+from model.config import ConfigError
 from tasks import report as reporting
 from tasks.evaluation import finetune_downstream
 from tasks.tracking import log_metric_rows, log_metrics, log_params, start_run
@@ -30,16 +37,123 @@ def cell_inputs(v: dict) -> dict:
     return {"random_model": v["model_config"]}
 
 
-def run_cells(variants: list[dict], methods: dict, seeds: list[int], common: dict, max_parallel: int,
+@contextmanager
+def cell_runner(study: StudyConfig) -> Iterator[tuple[TaskRunner, int]]:
+    """The task runner the cells go to, and the torch threads each cell may use; a local Dask
+    cluster lives as long as this context."""
+    if study.task_runner != "dask":
+        threads = max(1, (os.cpu_count() or 1) // study.max_parallel) if study.max_parallel > 1 else 0
+        with ThreadPoolTaskRunner(max_workers=study.max_parallel) as runner:
+            yield runner, threads
+        return
+    from prefect_dask import DaskTaskRunner
+
+    if study.dask_address:
+        runner = DaskTaskRunner(address=study.dask_address)
+    else:
+        # One thread per worker process: a cell's parallelism is torch's, set by `num_threads`.
+        # Loopback only, and the dashboard on a free port: two studies on one machine must not collide.
+        runner = DaskTaskRunner(cluster_kwargs={
+            "n_workers": study.dask_workers or study.max_parallel, "threads_per_worker": 1, "processes": True,
+            "host": "127.0.0.1", "dashboard_address": "127.0.0.1:0"})
+    environ, dask_log = dict(os.environ), logging.getLogger("distributed")
+    log_level = dask_log.level
+    dask_log.setLevel(max(log_level, logging.WARNING))  # dozens of start/stop lines between the stage lines
+    try:
+        with _api_for_workers(), runner:
+            try:
+                client = runner.client  # connect now: an unreachable scheduler is a config mistake
+            except OSError as exc:
+                raise ConfigError(f"study.dask_address {study.dask_address!r}: no Dask scheduler answers ({exc}); "
+                                  "start one with `dask scheduler` or leave the key empty for a local cluster") from None
+            threads = _threads_per_cell(client)
+            _announce(client, threads)
+            yield runner, threads
+    finally:
+        # Dask's nanny sets OMP_NUM_THREADS=1 and friends in the process that starts the workers
+        # (this one, for a local cluster): later pretraining subprocesses would inherit them.
+        for key in set(os.environ) - set(environ):
+            del os.environ[key]
+        os.environ.update(environ)
+        dask_log.setLevel(log_level)
+
+
+def _api_for_workers():
+    """Workers get the flow's Prefect settings with each task; without PREFECT_API_URL they would each
+    start a temporary server of their own, so hand them the address of the flow's one."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if PREFECT_API_URL.value():
+        return nullcontext()
+    with get_client(sync_client=True) as prefect:
+        url = str(prefect.api_url).rstrip("/")
+    return temporary_settings(updates={PREFECT_API_URL: url})
+
+
+def _threads_per_cell(client) -> int:
+    """A host's cores shared out between the Dask worker threads on it (each runs one cell at a
+    time); the least any host gives. 0 (torch's default) when no worker has joined yet."""
+    workers = client.scheduler_info()["workers"]
+    cores = client.run(os.cpu_count) if workers else {}
+    threads_on: dict[str, int] = defaultdict(int)
+    cores_on: dict[str, int] = {}
+    for address, w in workers.items():
+        threads_on[w["host"]] += w["nthreads"]
+        cores_on[w["host"]] = cores.get(address) or 1
+    return min((max(1, cores_on[h] // threads_on[h]) for h in threads_on), default=0)
+
+
+def _announce(client, threads: int) -> None:
+    """Where the cells go, in the flow run's log (the Prefect UI), not only on the console."""
+    from prefect.exceptions import MissingContextError
+    from prefect.logging import get_run_logger
+
+    try:
+        logger = get_run_logger()
+    except MissingContextError:
+        return
+    logger.info("fine-tuning cells on Dask: scheduler %s, %d worker(s), %d torch thread(s) per cell, dashboard %s",
+                client.scheduler.address, len(client.scheduler_info()["workers"]), threads,
+                client.dashboard_link or "off")
+
+
+def _worker_of(future) -> str:
+    """The Dask worker that ran a cell (holds its result): which process to look at when one misbehaves."""
+    wrapped = future.wrapped_future
+    holders = wrapped.client.who_has([wrapped]).get(wrapped.key) or ()
+    return str(holders[0]) if holders else ""
+
+
+def _lost(future, state, study: StudyConfig) -> str:
+    """A cell whose process died mid-run (a Dask worker killed for memory, say): Prefect never heard
+    its end, so it is marked Crashed there too, instead of staying Running in the UI for good."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
+    from prefect.states import Crashed
+
+    err = future.wrapped_future.exception() if study.task_runner == "dask" else None
+    message = (f"{type(err).__name__}: the process running the cell died ({err})" if err
+               else f"the cell stopped in state {state.name}")
+    try:
+        with get_client(sync_client=True) as prefect:
+            prefect.set_task_run_state(future.task_run_id, Crashed(message=message), force=True)
+    except (ObjectNotFound, PrefectHTTPStatusError):
+        pass  # it died before Prefect recorded the run: nothing shows in the UI to correct
+    return message
+
+
+def run_cells(variants: list[dict], methods: dict, seeds: list[int], common: dict, study: StudyConfig | int,
               on_done) -> list[dict]:
     """Fine-tune every (variant, method, seed); returns the cells in submission order.
 
     `common` holds the task inputs shared by all cells (warehouse, task, tokenizer, specials);
+    `study` says where the cells run (a bare number: a thread pool of that size);
     `on_done(cell, cached)` is called as each cell finishes, in order.
     """
-    threads = max(1, (os.cpu_count() or 1) // max_parallel) if max_parallel > 1 else 0
+    study = study if isinstance(study, StudyConfig) else StudyConfig(max_parallel=study)
     pending = []
-    with ThreadPoolTaskRunner(max_workers=max_parallel) as runner:
+    with cell_runner(study) as (runner, threads):
         for v in variants:
             if v.get("error"):
                 for name in methods:
@@ -65,8 +179,12 @@ def run_cells(variants: list[dict], methods: dict, seeds: list[int], common: dic
                 future.wait()
                 state = future.state
                 cached = state.name == "Cached"
+                if study.task_runner == "dask":
+                    cell["worker"] = _worker_of(future)
                 if state.is_completed():
                     cell.update(future.result())
+                elif not state.is_final():
+                    cell["error"] = _lost(future, state, study)
                 else:
                     err = state.result(raise_on_failure=False)
                     cell["error"] = f"{type(err).__name__}: {err}" if isinstance(err, BaseException) else str(state.message)
@@ -95,6 +213,7 @@ def select_learning_rates(cells: list[dict]) -> None:
 def log_cell(c, exp_id: str, v: dict, cell: dict, task_name: str, tags: dict) -> None:
     """One MLflow run per cell, nested under its variant's run."""
     lr = f"/lr{cell['lr']:g}" if cell.get("grid") else ""
+    tags = {**tags, "dask_worker": cell["worker"]} if cell.get("worker") else tags
     run_id = start_run(c, exp_id, f"{v['name']}/{cell['method']}{lr}/s{cell['seed']}", parent=v["run_id"], tags=tags)
     cell["run_id"] = run_id
     log_params(c, run_id, {"objective": v.get("objective") or "none", "model_size": v["size"], "variant": v["name"],

@@ -144,7 +144,7 @@ def _run(cfg, ws, db, c, exp_id, parent, stages, has_task, logger) -> dict:
             lr = f" lr{cell['lr']:g}" if cell.get("grid") else ""
             stages.done(f"finetune {cell['variant']} {cell['method']}{lr} s{cell['seed']}", cached, what)
 
-        cells = run_cells(variants, methods, cfg.downstream.seeds, common, cfg.study.max_parallel, on_done)
+        cells = run_cells(variants, methods, cfg.downstream.seeds, common, cfg.study, on_done)
         for v in variants:
             if not v.get("error"):
                 log_variant_summary(c, v, cells, list(methods), task["name"])

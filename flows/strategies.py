@@ -279,7 +279,7 @@ def _run(sc: StrategiesConfig, cfg: PipelineConfig, ws: Workspace, c, exp_id: st
                     f"test accuracy {cell['scores']['test']['accuracy']:.3f}")
             stages.done(f"finetune {cell['variant']} {cell['method']} s{cell['seed']}", cached, what)
 
-        cells = run_cells(variants, methods, cfg.downstream.seeds, common, cfg.study.max_parallel, on_done)
+        cells = run_cells(variants, methods, cfg.downstream.seeds, common, cfg.study, on_done)
         for v in variants:
             log_variant_summary(c, v, cells, list(methods), task_info["name"])
     report = _report(sc, cfg, ws, c, exp_id, parent, variants, cells, list(methods), corpora, task_info)

@@ -47,6 +47,11 @@ class FeatureCache:
             while len(self.items) > self.size:
                 self.items.popitem(last=False)
 
+    def __reduce__(self):
+        # A task shipped to another process (a Dask worker) carries its function by value, globals
+        # included: there it is this module's FEATURES, that process's own cache, not a copy of a lock.
+        return "FEATURES"
+
 
 FEATURES = FeatureCache()
 
