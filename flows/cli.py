@@ -458,6 +458,57 @@ def strategies(
     out.print(f"MLflow experiment: {result['experiment']} (id {result['experiment_id']}), parent run {result['parent_run_id']}")
 
 
+@app.command()
+def scale(
+    config: str = typer.Option("studies/scaling.yaml", "--config", "-c",
+                               help="Scaling study config (YAML), e.g. configs/studies/scaling.yaml."),
+    set_: list[str] = SetOption,
+) -> None:
+    """Scaling laws: model sizes x FLOP budgets, the compute-optimal frontier and L(N, D) with bootstrap
+    intervals, and the largest run predicted from the others; a report in MLflow and Prefect."""
+    ws = _prepare()
+    booting = _boot_prefect_server()
+    from flows.scaling import load_scaling_config
+    from tasks.data import source_fingerprint
+
+    try:  # validate before Prefect starts: bad input fails in one line
+        sc, cfg = load_scaling_config(config, set_)
+        source_fingerprint([s.__dict__ for s in cfg.corpus.source_specs()])
+    except USER_ERRORS as exc:
+        logging.getLogger("prefect").setLevel(logging.WARNING)
+        fail(str(exc))
+    from flows.scaling import budget_label, fit_summary, pretrain_scaling
+
+    if booting:
+        booting.wait()
+    console.print(f"[bold]pretrain scale[/bold] {config}  workspace {ws.root}")
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    started = time.perf_counter()
+    try:
+        state = pretrain_scaling(config_path=str(config), overrides=list(set_), return_state=True)
+    except Terminated:
+        _exit_after_failure("stopped by SIGTERM; finished runs are kept and cached, re-run the same command to resume",
+                            128 + signal.SIGTERM)
+    try:
+        result = state.result()
+    except USER_ERRORS as exc:
+        _exit_after_failure(str(exc), 2)
+    except Exception as exc:  # noqa: BLE001 - any other failure: one line, details in Prefect's log above
+        _exit_after_failure(f"{type(exc).__name__}: {exc} (flow run state: {state.name})", 1)
+    table = Table(title="scaling runs (final held-out loss)")
+    for column in ("run", "N", "budget", "D tokens", "C FLOPs", "loss"):
+        table.add_column(column, justify="left" if column == "run" else "right")
+    for r in sorted(result["runs"], key=lambda r: (r["budget"], r["N"])):
+        table.add_row(r["name"], f"{r['N']:,}", budget_label(r["budget"]), f"{r['D']:,.0f}", f"{r['C']:.3g}",
+                      f"{r['loss']:.4f}")
+    out = Console()
+    out.print(table)
+    out.print(f"fits:              {fit_summary(result['fits'])}")
+    out.print(f"finished in {time.perf_counter() - started:.1f} s")
+    out.print(f"report:            {result['report']} (shareable: {result['html']})")
+    out.print(f"MLflow experiment: {result['experiment']} (id {result['experiment_id']}), parent run {result['parent_run_id']}")
+
+
 def _continual_deployment(config: str, overrides: list[str], every: int, cron: str):
     """The continual deployment as prefect.yaml declares it: one run at a time, late runs queued."""
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy

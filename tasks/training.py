@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -21,6 +22,17 @@ from tasks.workspace import PACKAGE_ROOT, Workspace
 
 class TrainingFailed(RuntimeError):
     pass
+
+
+# The trainers this process runs. A signal reaches the main thread only: a flow that trains from
+# worker threads stops their trainers through this (each saves a checkpoint and exits).
+_running: set[subprocess.Popen] = set()
+
+
+def stop_running_trainers() -> None:
+    for proc in list(_running):
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
 
 
 def _stop_trainer(proc: subprocess.Popen, grace: float = 60.0) -> None:
@@ -93,10 +105,18 @@ def failed_rank_error(log_dir: Path, earlier: set[Path]) -> str | None:
     return f"rank {rank}: {text}"
 
 
+def single_process_env(log_dir: Path) -> dict[str, str]:
+    """The environment of a one-process launch: `@record` on model.train's main writes an uncaught error
+    to TORCHELASTIC_ERROR_FILE, laid out as torchrun lays out a rank's, so one reader serves both."""
+    error_file = log_dir / f"single-{time.time_ns()}" / "attempt_0" / "0" / "error.json"
+    error_file.parent.mkdir(parents=True, exist_ok=True)
+    return {**os.environ, "TORCHELASTIC_ERROR_FILE": str(error_file)}
+
+
 def _launch_failure(train_config: dict, returncode: int, log_dir: Path, earlier: set[Path]) -> str:
+    rank_error = failed_rank_error(log_dir, earlier) if returncode > 0 else None
     if world_size(train_config) <= 1:
-        return exit_reason(returncode)
-    rank_error = failed_rank_error(log_dir, earlier)
+        return f"failed: {rank_error.split(': ', 1)[1]}" if rank_error else exit_reason(returncode)
     if rank_error:
         return f"failed on {rank_error} (every rank's log in {log_dir})"
     return (f"failed: torchrun exited with code {returncode} and no rank left an error (a rank killed by a signal: "
@@ -115,7 +135,9 @@ def pretrain(train_config: dict, tokenizer_path: str, mlflow_run_id: str | None 
     tail = MetricsTail(client(Workspace.from_env()), mlflow_run_id, out / "metrics.jsonl")
     log_dir = out / "logs"
     earlier = set(log_dir.iterdir()) if log_dir.exists() else set()
-    proc = subprocess.Popen(launch_command(train_config, config_path, log_dir), cwd=PACKAGE_ROOT)
+    env = single_process_env(log_dir) if world_size(train_config) <= 1 else None
+    proc = subprocess.Popen(launch_command(train_config, config_path, log_dir), cwd=PACKAGE_ROOT, env=env)
+    _running.add(proc)
     try:
         while proc.poll() is None:
             time.sleep(0.5)
@@ -126,6 +148,8 @@ def pretrain(train_config: dict, tokenizer_path: str, mlflow_run_id: str | None 
         if mlflow_run_id:
             tail.c.set_terminated(mlflow_run_id, "KILLED")
         raise
+    finally:
+        _running.discard(proc)
     tail.poll()
     if proc.returncode != 0:
         if mlflow_run_id:

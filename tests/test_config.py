@@ -23,6 +23,9 @@ def _load_shipped(path: Path):
     if "strategies" in sections:
         from flows.strategies import load_strategies_config
         return load_strategies_config(path)[1]
+    if "scaling" in sections:
+        from flows.scaling import load_scaling_config
+        return load_scaling_config(path)[1]
     return load_config(path)
 
 
