@@ -11,6 +11,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import NoReturn
 
 import typer
 from rich.console import Console
@@ -33,7 +34,7 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 SetOption = typer.Option([], "--set", help="Override a config key, e.g. --set train.max_steps=100 (repeatable).")
 
 
-def fail(message: str, code: int = 2) -> None:
+def fail(message: str, code: int = 2) -> NoReturn:
     console.print(f"[bold red]error:[/bold red] {escape(message)}")
     raise typer.Exit(code)
 
@@ -151,7 +152,7 @@ def _on_sigterm(signum, frame) -> None:
     raise Terminated()
 
 
-def _exit_after_failure(message: str, code: int) -> None:
+def _exit_after_failure(message: str, code: int) -> NoReturn:
     """Print the one-line error, run the exit handlers (they stop Prefect's temporary server), and exit.
 
     Interpreter finalisation is skipped on purpose: with a failed flow's traceback still referenced
@@ -401,6 +402,40 @@ def continual(
         out.print(f"MLflow run:        {result['run_id']} (experiment id {result['experiment_id']})")
 
 
+def _run_study(command: str, config: str, overrides: list[str], module: str, loader: str, flow_name: str,
+               stopped: str) -> tuple[dict, float]:
+    """A study command's run: the config checked before Prefect starts (bad input is one line), the flow
+    run, and its failures as one line each; returns the flow's result and when it started."""
+    import importlib
+
+    ws = _prepare()
+    booting = _boot_prefect_server()
+    study = importlib.import_module(module)
+    from tasks.data import source_fingerprint
+
+    try:
+        _, cfg = getattr(study, loader)(config, overrides)
+        source_fingerprint([s.__dict__ for s in cfg.corpus.source_specs()])
+    except USER_ERRORS as exc:
+        logging.getLogger("prefect").setLevel(logging.WARNING)
+        fail(str(exc))
+    if booting:
+        booting.wait()
+    console.print(f"[bold]pretrain {command}[/bold] {config}  workspace {ws.root}")
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    started = time.perf_counter()
+    try:
+        state = getattr(study, flow_name)(config_path=str(config), overrides=list(overrides), return_state=True)
+    except Terminated:
+        _exit_after_failure(stopped, 128 + signal.SIGTERM)
+    try:
+        return state.result(), started
+    except USER_ERRORS as exc:
+        _exit_after_failure(str(exc), 2)
+    except Exception as exc:  # noqa: BLE001 - any other failure: one line, details in Prefect's log above
+        _exit_after_failure(f"{type(exc).__name__}: {exc} (flow run state: {state.name})", 1)
+
+
 @app.command()
 def strategies(
     config: str = typer.Option("studies/strategies.yaml", "--config", "-c",
@@ -409,35 +444,9 @@ def strategies(
 ) -> None:
     """Compare pretraining strategies: static (general corpus), domain-only, general -> domain and
     general -> domain -> task, each fine-tuned with seeds; a report with intervals in MLflow and Prefect."""
-    ws = _prepare()
-    booting = _boot_prefect_server()
-    from flows.strategies import load_strategies_config
-    from tasks.data import source_fingerprint
-
-    try:  # validate before Prefect starts: bad input fails in one line
-        sc, cfg = load_strategies_config(config, set_)
-        source_fingerprint([s.__dict__ for s in cfg.corpus.source_specs()])
-    except USER_ERRORS as exc:
-        logging.getLogger("prefect").setLevel(logging.WARNING)
-        fail(str(exc))
-    from flows.strategies import pretrain_strategies
-
-    if booting:
-        booting.wait()
-    console.print(f"[bold]pretrain strategies[/bold] {config}  workspace {ws.root}")
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    started = time.perf_counter()
-    try:
-        state = pretrain_strategies(config_path=str(config), overrides=list(set_), return_state=True)
-    except Terminated:
-        _exit_after_failure("stopped by SIGTERM; finished stages and training checkpoints are kept, "
-                            "re-run the same command to resume", 128 + signal.SIGTERM)
-    try:
-        result = state.result()
-    except USER_ERRORS as exc:
-        _exit_after_failure(str(exc), 2)
-    except Exception as exc:  # noqa: BLE001 - any other failure: one line, details in Prefect's log above
-        _exit_after_failure(f"{type(exc).__name__}: {exc} (flow run state: {state.name})", 1)
+    result, started = _run_study("strategies", config, set_, "flows.strategies", "load_strategies_config",
+                                 "pretrain_strategies", "stopped by SIGTERM; finished stages and training checkpoints "
+                                 "are kept, re-run the same command to resume")
     from tasks.report import fmt
 
     methods = [k for k in (result["table"][0] if result["table"] else {})
@@ -466,35 +475,10 @@ def scale(
 ) -> None:
     """Scaling laws: model sizes x FLOP budgets, the compute-optimal frontier and L(N, D) with bootstrap
     intervals, and the largest run predicted from the others; a report in MLflow and Prefect."""
-    ws = _prepare()
-    booting = _boot_prefect_server()
-    from flows.scaling import load_scaling_config
-    from tasks.data import source_fingerprint
+    result, started = _run_study("scale", config, set_, "flows.scaling", "load_scaling_config", "pretrain_scaling",
+                                 "stopped by SIGTERM; finished runs are kept and cached, re-run the same command to resume")
+    from flows.scaling import budget_label, fit_summary
 
-    try:  # validate before Prefect starts: bad input fails in one line
-        sc, cfg = load_scaling_config(config, set_)
-        source_fingerprint([s.__dict__ for s in cfg.corpus.source_specs()])
-    except USER_ERRORS as exc:
-        logging.getLogger("prefect").setLevel(logging.WARNING)
-        fail(str(exc))
-    from flows.scaling import budget_label, fit_summary, pretrain_scaling
-
-    if booting:
-        booting.wait()
-    console.print(f"[bold]pretrain scale[/bold] {config}  workspace {ws.root}")
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    started = time.perf_counter()
-    try:
-        state = pretrain_scaling(config_path=str(config), overrides=list(set_), return_state=True)
-    except Terminated:
-        _exit_after_failure("stopped by SIGTERM; finished runs are kept and cached, re-run the same command to resume",
-                            128 + signal.SIGTERM)
-    try:
-        result = state.result()
-    except USER_ERRORS as exc:
-        _exit_after_failure(str(exc), 2)
-    except Exception as exc:  # noqa: BLE001 - any other failure: one line, details in Prefect's log above
-        _exit_after_failure(f"{type(exc).__name__}: {exc} (flow run state: {state.name})", 1)
     table = Table(title="scaling runs (final held-out loss)")
     for column in ("run", "N", "budget", "D tokens", "C FLOPs", "loss"):
         table.add_column(column, justify="left" if column == "run" else "right")
