@@ -24,8 +24,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(autouse=True)
-def _restore_environment():
+def _environment_kept():
     """A command run in-process (Typer's CliRunner) points PREFECT_HOME at its workspace for the rest of the
     process; without this, later tests' subprocesses would share that workspace's Prefect database."""
     before = dict(os.environ)
@@ -33,6 +32,12 @@ def _restore_environment():
     for key in set(os.environ) - set(before):
         del os.environ[key]
     os.environ.update(before)
+
+
+# Per test, and per module: a module-scoped fixture (set up before any test's own restore begins) that
+# runs a command in-process would otherwise leak into every later module.
+_restore_environment = pytest.fixture(autouse=True)(_environment_kept)
+_restore_module_environment = pytest.fixture(autouse=True, scope="module")(_environment_kept)
 
 
 @pytest.fixture(scope="session")

@@ -174,8 +174,13 @@ def test_ui_serves_earlier_runs_on_loopback(cli_runs):
         assert {a["key"] for a in images} >= {"report-loss-curves", "report-downstream", "report-finetune-curves"}
         for image in images:
             url = image["data"].replace("http://127.0.0.1:5000", f"http://127.0.0.1:{mp}")
-            with urllib.request.urlopen(url, timeout=10) as r:
-                assert r.read(8) == b"\x89PNG\r\n\x1a\n", url
+            try:
+                with urllib.request.urlopen(url, timeout=10) as r:
+                    assert r.read(8) == b"\x89PNG\r\n\x1a\n", url
+            except urllib.error.HTTPError as exc:
+                leaked = {k: v for k, v in os.environ.items() if k.startswith(("PREFECT", "PRETRAIN", "MLFLOW"))}
+                raise AssertionError(f"{url}: {exc}; image artefact {image}; this process's environment {leaked}; "
+                                     f"the first run printed {cli_runs['first'].stdout[-1500:]}") from None
         listening = subprocess.run(["ss", "-ltnH"], capture_output=True, text=True).stdout
         for port in (pp, mp):
             binds = [ln.split()[3] for ln in listening.splitlines() if ln.split()[3].endswith(f":{port}")]
