@@ -71,6 +71,8 @@ class ScalingConfig:
     seed: int = 0  # of the bootstrap
     fit_starts: int = 0  # L-BFGS-B starts of L(N, D): the best k of the initial grid; 0: the whole grid
     require_interior: bool = True  # approach 2 uses a budget only when its minimum lies within its sizes
+    # Approach 2's parabola through the runs of this many sizes around each budget's best run; 0: all of them.
+    isoflop_window: int = 0
     max_parallel: int = 1  # runs trained at once, the CPU threads shared out between them
 
     def __post_init__(self) -> None:
@@ -88,7 +90,9 @@ class ScalingConfig:
         for key, ok, want in (("warmup_frac", 0 <= self.warmup_frac < 1, "in [0, 1)"),
                               ("eval_rows", self.eval_rows >= 1, "at least 1"), ("n_boot", self.n_boot >= 0, ">= 0"),
                               ("level", 0 < self.level < 1, "in (0, 1)"), ("fit_starts", self.fit_starts >= 0, ">= 0"),
-                              ("max_parallel", self.max_parallel >= 1, "at least 1")):
+                              ("max_parallel", self.max_parallel >= 1, "at least 1"),
+                              ("isoflop_window", self.isoflop_window == 0 or self.isoflop_window >= 3,
+                               "0 (every size) or at least 3 (a parabola's points)")):
             if not ok:
                 raise ConfigError(f"scaling.{key}={getattr(self, key)!r} must be {want}")
 
@@ -213,7 +217,7 @@ def _study(sc: ScalingConfig, cfg: PipelineConfig, ws: Workspace, c, exp_id: str
     ok = [r for r in runs if not r.get("error")]
     fits, cached = run_stage(fit_scaling_laws, points=[{k: r[k] for k in ("budget", "N", "D", "C", "loss")} for r in ok],
                              n_boot=sc.n_boot, level=sc.level, seed=sc.seed, top_k=sc.fit_starts,
-                             require_interior=sc.require_interior)
+                             require_interior=sc.require_interior, window=sc.isoflop_window)
     stages.done("fits", cached, fit_summary(fits))
     _log_fits(c, parent, fits)
     report = write_report(sc, ws, c, parent, runs, models, fits, context)
@@ -360,13 +364,13 @@ def train_cell(sc, cfg, ws, c, exp_id, parent, base, size, model, budget, tok, c
 
 @task(name="scaling-fit", cache_key_fn=stage_cache_key("tasks"), **CACHED)
 def fit_scaling_laws(points: list[dict], n_boot: int, level: float, seed: int, top_k: int,
-                     require_interior: bool) -> dict:
+                     require_interior: bool, window: int = 0) -> dict:
     """Approach 2, approach 3 and the extrapolation check over the finished runs (cached on their numbers)."""
     from tasks.scaling_fit import fit_study
 
     col = {k: [p[k] for p in points] for k in ("budget", "N", "D", "loss")}
     return fit_study(col["budget"], col["N"], col["D"], col["loss"], n_boot=n_boot, seed=seed, level=level,
-                     top_k=top_k or None, require_interior=require_interior)
+                     top_k=top_k or None, require_interior=require_interior, window=window)
 
 
 def _interval(x: dict, spec: str = ".3f") -> str:
@@ -506,7 +510,7 @@ def plot_parametric(runs: list[dict], fits: dict, path: Path) -> Path:
         low, high = (ext["interval"] or {}).get("low"), (ext["interval"] or {}).get("high")
         err = [[ext["predicted"] - low], [high - ext["predicted"]]] if low is not None and math.isfinite(low) else None
         ax.errorbar([ext["actual"]], [ext["predicted"]], yerr=err, fmt="*", color="#d62728", ms=16, capsize=4,
-                    label=f"held-out run, predicted by the others ({100 * ext['relative_error']:+.1f}%)", zorder=4)
+                    label=f"held-out run, predicted by the others ({100 * ext['relative_error']:+.2f}%)", zorder=4)
     lo, hi = min([r["loss"] for r in ok] + pred), max([r["loss"] for r in ok] + pred)
     ax.plot([lo, hi], [lo, hi], "k--", lw=1)
     q = par["fit"]
@@ -578,8 +582,10 @@ def _frontier_lines(fits: dict, k: float) -> list[str]:
     f = fits["frontier"]
     level = f"{fits['level']:.0%}"
     lines = ["", "## Compute-optimal frontier (Hoffmann et al. 2022, approach 2)", "",
-             "Per budget, a parabola in log N through the final losses; its minimum is that budget's compute-optimal "
-             "N (D read off the budget's runs at that N). N_opt ~ C^a and D_opt ~ C^b are fitted through the minima; "
+             "Per budget, a parabola in log N through the final losses"
+             + (f" of the {fits['window']} sizes around its best run" if fits.get("window") else "")
+             + "; its minimum is that budget's compute-optimal N (D read off the budget's runs at that N). "
+             "N_opt ~ C^a and D_opt ~ C^b are fitted through the minima; "
              f"intervals: {level} percentile bootstrap, {fits['n_boot']} replicates, each budget's runs resampled.", ""]
     if "error" in f:
         return lines + [f"**No frontier**: {f['error']}"]

@@ -5,8 +5,10 @@ definition: token and learned position embeddings excluded, as in Kaplan et al. 
 training tokens, C the training FLOPs the trainer counted, loss the final held-out loss in nats.
 
 - `isoflop_minima`: Hoffmann et al. 2022, approach 2. Per compute budget, a parabola in log N
-  through the final losses; its vertex is that budget's compute-optimal N (and D, read off the
-  budget's own runs, which tie D to N at fixed C).
+  through the final losses (all of them, or those of the few sizes around the best run: a profile
+  that is flat on one side and steep on the other is no parabola over its whole range); its vertex
+  is that budget's compute-optimal N (and D, read off the budget's own runs, which tie D to N at
+  fixed C).
 - `fit_power_law`: N_opt = k C^a and D_opt = k' C^b, least squares in log-log.
 - `fit_parametric`: approach 3, L(N, D) = E + A / N^alpha + B / D^beta, fitted in log space
   (log L_hat = LSE(a - alpha log N, b - beta log D, e)) by minimising a Huber loss (delta 1e-3) on
@@ -57,10 +59,25 @@ class IsoflopMinimum:
     interior: bool  # the vertex lies within the budget's sampled N (not extrapolated)
 
 
-def isoflop_minimum(budget: float, n, d, loss) -> IsoflopMinimum:
-    """The vertex of loss = p0 + p1 log N + p2 (log N)^2 over one budget's runs."""
-    x, y = np.log(np.asarray(n, float)), np.asarray(loss, float)
-    logd = np.log(np.asarray(d, float))
+def around_best(n, loss, window: int) -> np.ndarray:
+    """Indices of the runs of the `window` distinct sizes nearest (in order of N) the one with the lowest
+    loss, shifted inwards at the ends; every run when `window` is 0 or covers them all."""
+    n, loss = np.asarray(n, float), np.asarray(loss, float)
+    sizes = np.unique(n)
+    if not window or window >= len(sizes):
+        return np.arange(len(n))
+    best = int(np.searchsorted(sizes, n[np.argmin(loss)]))
+    start = min(max(0, best - window // 2), len(sizes) - window)
+    return np.flatnonzero(np.isin(n, sizes[start:start + window]))
+
+
+def isoflop_minimum(budget: float, n, d, loss, window: int = 0) -> IsoflopMinimum:
+    """The vertex of loss = p0 + p1 log N + p2 (log N)^2 over one budget's runs; with `window`, over the
+    runs of the `window` sizes around the best one only (`around_best`)."""
+    n, d, loss = (np.asarray(v, float) for v in (n, d, loss))
+    logd_all, x_all = np.log(d), np.log(n)
+    near = around_best(n, loss, window)
+    x, y = x_all[near], loss[near]
     if len(np.unique(x)) < 3:
         raise FitError(f"budget {budget:.3g}: {len(np.unique(x))} distinct model sizes; a parabola needs 3")
     p2, p1, p0 = np.polyfit(x, y, 2)
@@ -69,13 +86,14 @@ def isoflop_minimum(budget: float, n, d, loss) -> IsoflopMinimum:
                        "add smaller or larger sizes around the optimum")
     x_opt = -p1 / (2 * p2)
     # At fixed C, D falls with N (D = C / FLOPs-per-token); log D is close to linear in log N.
-    slope, intercept = np.polyfit(x, logd, 1)
+    slope, intercept = np.polyfit(x_all, logd_all, 1)
     return IsoflopMinimum(budget=float(budget), n_opt=float(np.exp(x_opt)), d_opt=float(np.exp(intercept + slope * x_opt)),
                           loss_opt=float(p0 + p1 * x_opt + p2 * x_opt ** 2), curvature=float(p2), n_runs=len(x),
                           interior=bool(x.min() <= x_opt <= x.max()))
 
 
-def isoflop_minima(budget, n, d, loss, require_interior: bool = True) -> tuple[list[IsoflopMinimum], dict[float, str]]:
+def isoflop_minima(budget, n, d, loss, require_interior: bool = True,
+                   window: int = 0) -> tuple[list[IsoflopMinimum], dict[float, str]]:
     """One minimum per budget that has one; the budgets without, with the reason.
 
     With `require_interior` a vertex outside the budget's sampled sizes is left out: it is where a
@@ -86,7 +104,7 @@ def isoflop_minima(budget, n, d, loss, require_interior: bool = True) -> tuple[l
     for b in np.unique(budget):
         sel = budget == b
         try:
-            m = isoflop_minimum(b, n[sel], d[sel], loss[sel])
+            m = isoflop_minimum(b, n[sel], d[sel], loss[sel], window)
         except FitError as exc:
             skipped[float(b)] = str(exc)
             continue
@@ -133,9 +151,9 @@ class Frontier:
 
 
 @one_blas_thread
-def fit_frontier(budget, n, d, loss, require_interior: bool = True) -> Frontier:
+def fit_frontier(budget, n, d, loss, require_interior: bool = True, window: int = 0) -> Frontier:
     """Approach 2: iso-FLOP minima, then N_opt and D_opt as power laws of the budget."""
-    minima, skipped = isoflop_minima(budget, n, d, loss, require_interior)
+    minima, skipped = isoflop_minima(budget, n, d, loss, require_interior, window)
     if len(minima) < 2:
         reasons = "; ".join(skipped.values()) or "fewer than 2 budgets"
         raise FitError(f"the frontier needs iso-FLOP minima at 2 or more budgets, got {len(minima)} ({reasons})")
@@ -263,19 +281,19 @@ def percentile_interval(estimate: float, samples, level: float = 0.95, n_boot: i
 
 
 def bootstrap_frontier(budget, n, d, loss, n_boot: int = 200, seed: int = 0, level: float = 0.95,
-                       require_interior: bool = True) -> dict[str, Interval]:
+                       require_interior: bool = True, window: int = 0) -> dict[str, Interval]:
     """Intervals of a and b: each budget's runs are resampled with replacement (so every iso-FLOP
     curve stays in every replicate) and the frontier refitted. Replicates whose resample leaves a
     budget with fewer than 3 distinct sizes or no minimum drop that budget, as the fit itself would."""
     budget, n, d, loss = (np.asarray(v, float) for v in (budget, n, d, loss))
-    point = fit_frontier(budget, n, d, loss, require_interior)
+    point = fit_frontier(budget, n, d, loss, require_interior, window)
     rng = np.random.default_rng(seed)
     groups = [np.flatnonzero(budget == b) for b in np.unique(budget)]
     a_s, b_s = [], []
     for _ in range(n_boot):
         idx = np.concatenate([rng.choice(g, size=len(g), replace=True) for g in groups])
         try:
-            f = fit_frontier(budget[idx], n[idx], d[idx], loss[idx], require_interior)
+            f = fit_frontier(budget[idx], n[idx], d[idx], loss[idx], require_interior, window)
         except FitError:
             a_s.append(math.nan)
             b_s.append(math.nan)
@@ -373,15 +391,15 @@ def extrapolation_check(n, d, budget, loss, n_boot: int = 0, seed: int = 0, leve
 # ---------------------------------------------------------------- a whole study
 
 def fit_study(budget, n, d, loss, n_boot: int = 200, seed: int = 0, level: float = 0.95, top_k: int | None = None,
-              require_interior: bool = True) -> dict:
+              require_interior: bool = True, window: int = 0) -> dict:
     """Every fit of a study as plain data (JSON): approach 2 with its intervals, approach 3 with its
     intervals, and the extrapolation check. A part the runs cannot support holds `error` instead, and
     the other parts are still made."""
     budget, n, d, loss = (np.asarray(v, float) for v in (budget, n, d, loss))
-    out: dict = {"n_runs": int(len(n)), "n_boot": n_boot, "level": level, "seed": seed}
+    out: dict = {"n_runs": int(len(n)), "n_boot": n_boot, "level": level, "seed": seed, "window": window}
     try:
-        f = fit_frontier(budget, n, d, loss, require_interior)
-        ci = bootstrap_frontier(budget, n, d, loss, n_boot, seed, level, require_interior) if n_boot else {}
+        f = fit_frontier(budget, n, d, loss, require_interior, window)
+        ci = bootstrap_frontier(budget, n, d, loss, n_boot, seed, level, require_interior, window) if n_boot else {}
         out["frontier"] = {"minima": [asdict(m) for m in f.minima],
                            "skipped": [{"budget": b, "reason": r} for b, r in f.skipped.items()],
                            "n_opt": asdict(f.n_opt), "d_opt": asdict(f.d_opt),

@@ -154,6 +154,7 @@ def test_the_shipped_configs_are_grids_the_fits_can_use():
     ("scaling.sizes.bad={n_layers: 1, d_model: 8, n_heads: 1, d_ff: 8, depth: 3}", "'scaling.sizes.bad.depth'"),
     ("scaling.sizes.bad=huge", "scaling.sizes.bad: model size 'huge' is unknown"),
     ("scaling.warmup_frac=1.5", "scaling.warmup_frac=1.5 must be in [0, 1)"),
+    ("scaling.isoflop_window=2", "scaling.isoflop_window=2 must be 0 (every size) or at least 3"),
     ("scaling.budgetz=[1]", "unknown config key 'scaling.budgetz'"),
     ("train.max_flops=1.0e12", "train.max_flops is set by scaling.budgets"),
     ("train.warmup_steps=10", "train.warmup_steps is set by scaling.warmup_frac"),

@@ -138,3 +138,20 @@ def test_fit_study_gives_every_part_or_its_reason():
     assert "at least 5 runs" in few["parametric"]["error"] and "at least 6 runs" in few["extrapolation"]["error"]
     none = sf.fit_study(c, n, d, loss, n_boot=0, top_k=4)
     assert math.isnan(none["frontier"]["a"]["low"]) and none["frontier"]["a"]["estimate"] == out["frontier"]["a"]["estimate"]
+
+
+def test_a_window_fits_the_parabola_around_the_best_run_only():
+    # Flat on the small side, a cliff on the large one: a parabola through all of it puts the
+    # vertex far from where the losses are lowest; through the 3 sizes around the best, it does not.
+    n = np.array([1e3, 2e3, 4e3, 8e3, 16e3, 32e3])
+    loss = np.array([4.84, 4.68, 4.60, 4.70, 5.56, 6.15])
+    d = 1e12 / (6 * n)
+    assert list(sf.around_best(n, loss, 3)) == [1, 2, 3] and list(sf.around_best(n, loss, 0)) == list(range(6))
+    assert list(sf.around_best(n, [1.0, 2, 3, 4, 5, 6], 4)) == [0, 1, 2, 3]  # shifted inwards at the edge
+    whole, near = sf.isoflop_minimum(1e12, n, d, loss), sf.isoflop_minimum(1e12, n, d, loss, window=3)
+    assert 2e3 < near.n_opt < 8e3 and near.interior and near.n_runs == 3
+    assert abs(np.log(whole.n_opt / 4e3)) > abs(np.log(near.n_opt / 4e3))
+    # D still comes from every run of the budget: the window picks the parabola's points only.
+    assert near.d_opt == pytest.approx(1e12 / (6 * near.n_opt), rel=1e-9)
+    with pytest.raises(sf.FitError, match="a parabola needs 3"):
+        sf.isoflop_minimum(1e12, n[:2], d[:2], loss[:2], window=3)
