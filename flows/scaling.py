@@ -470,8 +470,11 @@ def plot_isoflop(runs: list[dict], fits: dict, path: Path) -> Path:
         mine = sorted((r for r in ok if r["budget"] == b), key=lambda r: r["N"])
         ax.plot([r["N"] for r in mine], [r["loss"] for r in mine], "o", color=color[b], label=f"C = {budget_label(b)}")
         m = minima.get(b)
-        if m:
-            x = np.linspace(math.log(mine[0]["N"]), math.log(mine[-1]["N"]), 100)
+        if m:  # drawn over the sizes it was fitted to (scaling.isoflop_window), not extrapolated beyond them
+            from tasks.scaling_fit import around_best
+
+            near = [mine[i] for i in around_best([r["N"] for r in mine], [r["loss"] for r in mine], fits.get("window", 0))]
+            x = np.linspace(math.log(near[0]["N"]), math.log(near[-1]["N"]), 100)
             ax.plot(np.exp(x), m["loss_opt"] + m["curvature"] * (x - math.log(m["n_opt"])) ** 2, "-", color=color[b])
             if m["interior"]:  # a vertex beyond the sizes trained (require_interior off) would only stretch the axis
                 ax.plot([m["n_opt"]], [m["loss_opt"]], "*", color=color[b], ms=14, mec="k")
