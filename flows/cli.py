@@ -11,7 +11,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, Callable, NoReturn
 
 import typer
 from rich.console import Console
@@ -105,39 +105,55 @@ def _boot_prefect_server() -> _ServerBoot | None:
     return booting
 
 
-def _execute(config: str, overrides: list[str], flow_name: str = "pretrain-pipeline") -> dict:
+RESUMABLE = "stopped by SIGTERM; finished stages and training checkpoints are kept, re-run the same command to resume"
+
+
+def _run_flow(title: str, config: str, overrides: list[str], load: Callable[[], Any], get_flow: Callable[[], Any],
+              stopped: str = RESUMABLE) -> tuple[dict, Workspace, float]:
+    """A flow command: the config checked before Prefect starts (bad input fails in a second, in one line),
+    the flow run, and its failures as one line each; returns the flow's result, the workspace and the
+    flow's wall time. `load()` returns the pipeline config and `get_flow()` the flow: their imports run
+    while Prefect's server boots."""
     ws = _prepare()
     booting = _boot_prefect_server()
-    from flows.config import load_config
     from tasks.data import source_fingerprint
 
-    try:  # validate before Prefect starts: bad input fails in a second, in one line
-        cfg = load_config(config, overrides)
+    try:
+        cfg = load()
         source_fingerprint([s.__dict__ for s in cfg.corpus.source_specs()])
     except USER_ERRORS as exc:
         # The early server is stopped at exit; its "Stopping temporary server" line would be a second line.
         logging.getLogger("prefect").setLevel(logging.WARNING)
         fail(str(exc))
-    from flows.pipeline import pretrain_pipeline
-
+    flow = get_flow()
     if booting:
         booting.wait()  # the flow must not reach the server before it answers
-    console.print(f"[bold]pretrain[/bold] {config}  workspace {ws.root}")
+    console.print(f"[bold]{title}[/bold] {config}  workspace {ws.root}")
     signal.signal(signal.SIGTERM, _on_sigterm)
     started = time.perf_counter()
     try:
-        flow = pretrain_pipeline if flow_name == pretrain_pipeline.name else pretrain_pipeline.with_options(name=flow_name)
         state = flow(config_path=str(config), overrides=list(overrides), return_state=True)
     except Terminated:
-        _exit_after_failure("stopped by SIGTERM; finished stages and training checkpoints are kept, "
-                            "re-run the same command to resume", 128 + signal.SIGTERM)
+        _exit_after_failure(stopped, 128 + signal.SIGTERM)
     elapsed = time.perf_counter() - started
     try:
-        result = state.result()
+        return state.result(), ws, elapsed
     except USER_ERRORS as exc:
         _exit_after_failure(str(exc), 2)
     except Exception as exc:  # noqa: BLE001 - any other failure: one line, details in Prefect's log above
         _exit_after_failure(f"{type(exc).__name__}: {exc} (flow run state: {state.name})", 1)
+
+
+def _execute(config: str, overrides: list[str], flow_name: str = "pretrain-pipeline") -> dict:
+    def load():
+        from flows.config import load_config
+        return load_config(config, overrides)
+
+    def get_flow():
+        from flows.pipeline import pretrain_pipeline
+        return pretrain_pipeline if flow_name == pretrain_pipeline.name else pretrain_pipeline.with_options(name=flow_name)
+
+    result, ws, elapsed = _run_flow("pretrain", config, overrides, load, get_flow)
     _print_summary(result, ws, elapsed)
     return result
 
@@ -402,40 +418,6 @@ def continual(
         out.print(f"MLflow run:        {result['run_id']} (experiment id {result['experiment_id']})")
 
 
-def _run_study(command: str, config: str, overrides: list[str], module: str, loader: str, flow_name: str,
-               stopped: str) -> tuple[dict, float]:
-    """A study command's run: the config checked before Prefect starts (bad input is one line), the flow
-    run, and its failures as one line each; returns the flow's result and when it started."""
-    import importlib
-
-    ws = _prepare()
-    booting = _boot_prefect_server()
-    study = importlib.import_module(module)
-    from tasks.data import source_fingerprint
-
-    try:
-        _, cfg = getattr(study, loader)(config, overrides)
-        source_fingerprint([s.__dict__ for s in cfg.corpus.source_specs()])
-    except USER_ERRORS as exc:
-        logging.getLogger("prefect").setLevel(logging.WARNING)
-        fail(str(exc))
-    if booting:
-        booting.wait()
-    console.print(f"[bold]pretrain {command}[/bold] {config}  workspace {ws.root}")
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    started = time.perf_counter()
-    try:
-        state = getattr(study, flow_name)(config_path=str(config), overrides=list(overrides), return_state=True)
-    except Terminated:
-        _exit_after_failure(stopped, 128 + signal.SIGTERM)
-    try:
-        return state.result(), started
-    except USER_ERRORS as exc:
-        _exit_after_failure(str(exc), 2)
-    except Exception as exc:  # noqa: BLE001 - any other failure: one line, details in Prefect's log above
-        _exit_after_failure(f"{type(exc).__name__}: {exc} (flow run state: {state.name})", 1)
-
-
 @app.command()
 def strategies(
     config: str = typer.Option("studies/strategies.yaml", "--config", "-c",
@@ -444,9 +426,15 @@ def strategies(
 ) -> None:
     """Compare pretraining strategies: static (general corpus), domain-only, general -> domain and
     general -> domain -> task, each fine-tuned with seeds; a report with intervals in MLflow and Prefect."""
-    result, started = _run_study("strategies", config, set_, "flows.strategies", "load_strategies_config",
-                                 "pretrain_strategies", "stopped by SIGTERM; finished stages and training checkpoints "
-                                 "are kept, re-run the same command to resume")
+    def load():
+        from flows.strategies import load_strategies_config
+        return load_strategies_config(config, set_)[1]
+
+    def get_flow():
+        from flows.strategies import pretrain_strategies
+        return pretrain_strategies
+
+    result, _, elapsed = _run_flow("pretrain strategies", config, set_, load, get_flow)
     from tasks.report import fmt
 
     methods = [k for k in (result["table"][0] if result["table"] else {})
@@ -462,7 +450,7 @@ def strategies(
         table.add_row(row["variant"], row["phases"], *losses, *scores)
     out = Console()
     out.print(table)
-    out.print(f"finished in {time.perf_counter() - started:.1f} s")
+    out.print(f"finished in {elapsed:.1f} s")
     out.print(f"report:            {result['report']} (shareable: {result['html']})")
     out.print(f"MLflow experiment: {result['experiment']} (id {result['experiment_id']}), parent run {result['parent_run_id']}")
 
@@ -475,8 +463,16 @@ def scale(
 ) -> None:
     """Scaling laws: model sizes x FLOP budgets, the compute-optimal frontier and L(N, D) with bootstrap
     intervals, and the largest run predicted from the others; a report in MLflow and Prefect."""
-    result, started = _run_study("scale", config, set_, "flows.scaling", "load_scaling_config", "pretrain_scaling",
-                                 "stopped by SIGTERM; finished runs are kept and cached, re-run the same command to resume")
+    def load():
+        from flows.scaling import load_scaling_config
+        return load_scaling_config(config, set_)[1]
+
+    def get_flow():
+        from flows.scaling import pretrain_scaling
+        return pretrain_scaling
+
+    result, _, elapsed = _run_flow("pretrain scale", config, set_, load, get_flow,
+                                   "stopped by SIGTERM; finished runs are kept and cached, re-run the same command to resume")
     from flows.scaling import budget_label, fit_summary
 
     table = Table(title="scaling runs (final held-out loss)")
@@ -488,7 +484,7 @@ def scale(
     out = Console()
     out.print(table)
     out.print(f"fits:              {fit_summary(result['fits'])}")
-    out.print(f"finished in {time.perf_counter() - started:.1f} s")
+    out.print(f"finished in {elapsed:.1f} s")
     out.print(f"report:            {result['report']} (shareable: {result['html']})")
     out.print(f"MLflow experiment: {result['experiment']} (id {result['experiment_id']}), parent run {result['parent_run_id']}")
 

@@ -198,6 +198,31 @@ def resolve_config_path(path: str | Path) -> Path:
     return p
 
 
+def read_study_sections(path: str | Path, overrides: list[str], section: str,
+                        owned: dict[tuple[str, ...], str]) -> tuple[dict, dict]:
+    """A study config file: its `section` (e.g. `strategies:`) and the rest, a pipeline config, with the
+    `--set` overrides applied. A key of `owned` (a path in the rest -> what sets it instead) that the
+    file sets anyway would be silently overridden by the study, so it is refused in one line."""
+    p = resolve_config_path(path)
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {p} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a mapping of sections ({section}, corpus, train, ...)")
+    data = apply_overrides(data, overrides)
+    study = data.pop(section, None)
+    if not isinstance(study, dict):
+        raise ConfigError(f"config file {p} has no `{section}:` section; see configs/studies/{section}.yaml")
+    for keys, owner in owned.items():
+        node: Any = data
+        for k in keys:
+            node = node.get(k) if isinstance(node, dict) else None
+        if node is not None:
+            raise ConfigError(f"{'.'.join(keys)} is set by {owner} in a {section} config; remove it")
+    return study, data
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> PipelineConfig:
     data: dict = {}
     if path:

@@ -143,15 +143,14 @@ def _lost(future, state, study: StudyConfig) -> str:
     return message
 
 
-def run_cells(variants: list[dict], methods: dict, seeds: list[int], common: dict, study: StudyConfig | int,
+def run_cells(variants: list[dict], methods: dict, seeds: list[int], common: dict, study: StudyConfig,
               on_done) -> list[dict]:
     """Fine-tune every (variant, method, seed); returns the cells in submission order.
 
     `common` holds the task inputs shared by all cells (warehouse, task, tokenizer, specials);
-    `study` says where the cells run (a bare number: a thread pool of that size);
+    `study` says where the cells run and how many at once;
     `on_done(cell, cached)` is called as each cell finishes, in order.
     """
-    study = study if isinstance(study, StudyConfig) else StudyConfig(max_parallel=study)
     pending = []
     with cell_runner(study) as (runner, threads):
         for v in variants:

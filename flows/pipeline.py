@@ -7,6 +7,7 @@ floors) and, under each variant, one run per fine-tuning cell (method x seed). T
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import shutil
 from dataclasses import asdict
@@ -68,24 +69,32 @@ def pretrain_pipeline(config_path: str = "demo.yaml", overrides: list[str] | Non
     n_cells = (n_variants + len(cfg.sizes())) * per_model * len(cfg.downstream.seeds)
     stages = Stages(4 + 3 * n_variants + (3 + n_cells if has_task else 0))
 
+    _report_orphaned_flow_runs(logger)
+    with parent_run(ws, cfg.experiment, "pipeline", config_path, logger) as (c, exp_id, parent):
+        return _run(cfg, ws, db, c, exp_id, parent, stages, has_task, logger)
+
+
+@contextlib.contextmanager
+def parent_run(ws: Workspace, experiment: str, kind: str, config_path: str, logger):
+    """The flow run's MLflow parent run `<kind>-<flow run name>`, as (client, experiment id, run id):
+    FINISHED when the block completes, else FAILED together with the child runs it leaves RUNNING.
+    Runs an earlier process left RUNNING when it died are marked KILLED first."""
     c = client(ws)
-    exp_id = experiment_id(c, ws, cfg.experiment)
+    exp_id = experiment_id(c, ws, experiment)
     for run_id in reap_stale_runs(c, exp_id):
         logger.warning("MLflow run %s was left RUNNING by a process that died; marked KILLED", run_id)
-    _report_orphaned_flow_runs(logger)
-    parent = start_run(c, exp_id, f"pipeline-{flow_run.get_name() or 'local'}", tags={
-        "prefect.flow_run_id": str(flow_run.get_id() or ""), "prefect.flow_run_name": flow_run.get_name() or "",
-        "git_commit": git_commit(), "config_path": str(config_path)})
-    status = "FAILED"
+    name = flow_run.get_name() or ""
+    parent = start_run(c, exp_id, f"{kind}-{name or 'local'}", tags={
+        "prefect.flow_run_id": str(flow_run.get_id() or ""), "prefect.flow_run_name": name, "git_commit": git_commit(),
+        "config_path": str(config_path)})
     try:
-        result = _run(cfg, ws, db, c, exp_id, parent, stages, has_task, logger)
-        status = "FINISHED"
-        return result
-    finally:
-        if status != "FINISHED":  # children still RUNNING when the flow failed or was stopped
-            for run in c.search_runs([exp_id], f"tags.mlflow.parentRunId = '{parent}' and attributes.status = 'RUNNING'"):
-                c.set_terminated(run.info.run_id, "FAILED")
-        c.set_terminated(parent, status)
+        yield c, exp_id, parent
+    except BaseException:  # failed or stopped: its children still RUNNING failed with it
+        for run in c.search_runs([exp_id], f"tags.mlflow.parentRunId = '{parent}' and attributes.status = 'RUNNING'"):
+            c.set_terminated(run.info.run_id, "FAILED")
+        c.set_terminated(parent, "FAILED")
+        raise
+    c.set_terminated(parent, "FINISHED")
 
 
 def _report_orphaned_flow_runs(logger) -> None:

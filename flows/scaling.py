@@ -18,11 +18,9 @@ run is an MLflow child run with its N, D, C and loss.
 """
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import copy
 import csv
-import functools
 import json
 import math
 import os
@@ -32,13 +30,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_image_artifact, create_markdown_artifact
 from prefect.runtime import flow_run
 
-from flows.config import PipelineConfig, apply_overrides, config_hash, resolve_config_path
-from flows.pipeline import Stages, StudyIncomplete, _prepare
+from flows.config import PipelineConfig, config_hash, read_study_sections
+from flows.pipeline import Stages, StudyIncomplete, _prepare, parent_run
 from flows.strategies import _placeholders
 from model.config import SIZES, ConfigError, ModelConfig, TrainConfig, load_dataclass, run_identity, to_dict
 from model.objectives import EXAMPLE_KEYS, OBJECTIVES, get_objective, preset
@@ -107,17 +104,7 @@ OWNED = {("objectives",): "scaling.objective", ("model", "size"): "scaling.sizes
 
 
 def load_scaling_config(path: str | Path, overrides: list[str] | None = None) -> tuple[ScalingConfig, PipelineConfig]:
-    p = resolve_config_path(path)
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {p} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    section = apply_overrides(data, overrides or []).pop("scaling", None) if isinstance(data, dict) else None
-    if not isinstance(section, dict):
-        raise ConfigError(f"config file {p} has no `scaling:` section; see configs/studies/scaling.yaml")
-    for keys, owner in OWNED.items():
-        if functools.reduce(lambda node, k: node.get(k) if isinstance(node, dict) else None, keys, data) is not None:
-            raise ConfigError(f"{'.'.join(keys)} is set by {owner} in a scaling config; remove it")
+    section, data = read_study_sections(path, overrides or [], "scaling", OWNED)
     sc = load_dataclass(ScalingConfig, section, "scaling.")
     d = copy.deepcopy(data)
     ws = Workspace.from_env()
@@ -179,31 +166,6 @@ def pretrain_scaling(config_path: str = "studies/scaling.yaml", overrides: list[
     ws, logger = Workspace.from_env(), get_run_logger()
     with parent_run(ws, cfg.experiment, "scaling", config_path, logger) as (c, exp_id, parent):
         return _study(sc, cfg, ws, c, exp_id, parent, logger)
-
-
-@contextlib.contextmanager
-def parent_run(ws: Workspace, experiment: str, kind: str, config_path: str, logger):
-    """The flow run's MLflow parent run, (client, experiment id, run id): FINISHED when the block completes,
-    else FAILED together with the child runs it leaves RUNNING."""
-    from tasks.tracking import client, experiment_id, reap_stale_runs, start_run
-
-    c = client(ws)
-    exp_id = experiment_id(c, ws, experiment)
-    for run_id in reap_stale_runs(c, exp_id):
-        logger.warning("MLflow run %s was left RUNNING by a process that died; marked KILLED", run_id)
-    name = flow_run.get_name() or ""
-    parent = start_run(c, exp_id, f"{kind}-{name or 'local'}", tags={
-        "prefect.flow_run_id": str(flow_run.get_id() or ""), "prefect.flow_run_name": name, "git_commit": git_commit(),
-        "config_path": str(config_path)})
-    try:
-        yield c, exp_id, parent
-    except BaseException:
-        left = c.search_runs([exp_id], f"tags.mlflow.parentRunId = '{parent}' and attributes.status = 'RUNNING'")
-        for run in left:
-            c.set_terminated(run.info.run_id, "FAILED")
-        c.set_terminated(parent, "FAILED")
-        raise
-    c.set_terminated(parent, "FINISHED")
 
 
 def _study(sc: ScalingConfig, cfg: PipelineConfig, ws: Workspace, c, exp_id: str, parent: str, logger) -> dict:
@@ -458,6 +420,8 @@ def plot_isoflop(runs: list[dict], fits: dict, path: Path) -> Path:
     """Loss against N per budget with the fitted parabolas and their minima; N_opt and D_opt against C."""
     import numpy as np
 
+    from tasks.scaling_fit import around_best
+
     plt = reporting._pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
     ok = [r for r in runs if not r.get("error")]
@@ -471,8 +435,6 @@ def plot_isoflop(runs: list[dict], fits: dict, path: Path) -> Path:
         ax.plot([r["N"] for r in mine], [r["loss"] for r in mine], "o", color=color[b], label=f"C = {budget_label(b)}")
         m = minima.get(b)
         if m:  # drawn over the sizes it was fitted to (scaling.isoflop_window), not extrapolated beyond them
-            from tasks.scaling_fit import around_best
-
             near = [mine[i] for i in around_best([r["N"] for r in mine], [r["loss"] for r in mine], fits.get("window", 0))]
             x = np.linspace(math.log(near[0]["N"]), math.log(near[-1]["N"]), 100)
             ax.plot(np.exp(x), m["loss_opt"] + m["curvature"] * (x - math.log(m["n_opt"])) ** 2, "-", color=color[b])

@@ -25,13 +25,12 @@ import sysconfig
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_image_artifact, create_markdown_artifact
 from prefect.runtime import flow_run
 
-from flows.config import PipelineConfig, apply_overrides, config_hash, resolve_config_path
-from flows.pipeline import Stages, snapshot_stages
+from flows.config import PipelineConfig, config_hash, read_study_sections
+from flows.pipeline import Stages, parent_run, snapshot_stages
 from model.config import SIZES, ConfigError, TrainConfig, load_dataclass, run_identity, to_dict
 from model.objectives import EXAMPLE_KEYS, OBJECTIVES, get_objective, preset
 from tasks import report as reporting
@@ -115,23 +114,7 @@ def _placeholders(path: str, ws: Workspace) -> str:
 
 
 def load_strategies_config(path: str | Path, overrides: list[str] | None = None) -> tuple[StrategiesConfig, PipelineConfig]:
-    p = resolve_config_path(path)
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {p} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {p} must hold a mapping of sections (strategies, corpus, train, ...)")
-    data = apply_overrides(data, overrides or [])
-    section = data.pop("strategies", None)
-    if not isinstance(section, dict):
-        raise ConfigError(f"config file {p} has no `strategies:` section; see configs/studies/strategies.yaml")
-    for keys, owner in OWNED.items():
-        node = data
-        for k in keys:
-            node = node.get(k) if isinstance(node, dict) else None
-        if node is not None:
-            raise ConfigError(f"{'.'.join(keys)} is set by {owner} in a strategies config; remove it")
+    section, data = read_study_sections(path, overrides or [], "strategies", OWNED)
     sc = load_dataclass(StrategiesConfig, section, "strategies.")
     ws = Workspace.from_env()
     for s in sc.general + sc.domain:
@@ -153,28 +136,11 @@ def load_strategies_config(path: str | Path, overrides: list[str] | None = None)
 @flow(name="pretrain-strategies", log_prints=True)
 def pretrain_strategies(config_path: str = "studies/strategies.yaml", overrides: list[str] | None = None) -> dict:
     """Static vs domain-adaptive vs task-adaptive pretraining, fine-tuned with seeds, in one report."""
-    from tasks.tracking import client, experiment_id, reap_stale_runs, start_run
-
     sc, cfg = load_strategies_config(config_path, overrides or [])
     ws = Workspace.from_env()
     logger = get_run_logger()
-    c = client(ws)
-    exp_id = experiment_id(c, ws, cfg.experiment)
-    for run_id in reap_stale_runs(c, exp_id):
-        logger.warning("MLflow run %s was left RUNNING by a process that died; marked KILLED", run_id)
-    parent = start_run(c, exp_id, f"strategies-{flow_run.get_name() or 'local'}", tags={
-        "prefect.flow_run_id": str(flow_run.get_id() or ""), "prefect.flow_run_name": flow_run.get_name() or "",
-        "git_commit": git_commit(), "config_path": str(config_path)})
-    status = "FAILED"
-    try:
-        result = _run(sc, cfg, ws, c, exp_id, parent, logger)
-        status = "FINISHED"
-        return result
-    finally:
-        if status != "FINISHED":
-            for run in c.search_runs([exp_id], f"tags.mlflow.parentRunId = '{parent}' and attributes.status = 'RUNNING'"):
-                c.set_terminated(run.info.run_id, "FAILED")
-        c.set_terminated(parent, status)
+    with parent_run(ws, cfg.experiment, "strategies", config_path, logger) as (c, exp_id, parent):
+        return _run(sc, cfg, ws, c, exp_id, parent, logger)
 
 
 def _run(sc: StrategiesConfig, cfg: PipelineConfig, ws: Workspace, c, exp_id: str, parent: str, logger) -> dict:

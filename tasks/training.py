@@ -114,9 +114,10 @@ def single_process_env(log_dir: Path) -> dict[str, str]:
 
 
 def _launch_failure(train_config: dict, returncode: int, log_dir: Path, earlier: set[Path]) -> str:
-    rank_error = failed_rank_error(log_dir, earlier) if returncode > 0 else None
-    if world_size(train_config) <= 1:
-        return f"failed: {rank_error.split(': ', 1)[1]}" if rank_error else exit_reason(returncode)
+    if world_size(train_config) <= 1:  # an error file only from an exception, not from a signal
+        error = failed_rank_error(log_dir, earlier) if returncode > 0 else None
+        return f"failed: {error.split(': ', 1)[1]}" if error else exit_reason(returncode)
+    rank_error = failed_rank_error(log_dir, earlier)
     if rank_error:
         return f"failed on {rank_error} (every rank's log in {log_dir})"
     return (f"failed: torchrun exited with code {returncode} and no rank left an error (a rank killed by a signal: "
