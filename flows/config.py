@@ -198,19 +198,25 @@ def resolve_config_path(path: str | Path) -> Path:
     return p
 
 
+def read_sections(p: Path, expected: str) -> dict:
+    """A config file's top-level mapping; invalid YAML or anything but a mapping is one line naming
+    the `expected` sections."""
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {p} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a mapping of sections ({expected})")
+    return data
+
+
 def read_study_sections(path: str | Path, overrides: list[str], section: str,
                         owned: dict[tuple[str, ...], str]) -> tuple[dict, dict]:
     """A study config file: its `section` (e.g. `strategies:`) and the rest, a pipeline config, with the
     `--set` overrides applied. A key of `owned` (a path in the rest -> what sets it instead) that the
     file sets anyway would be silently overridden by the study, so it is refused in one line."""
     p = resolve_config_path(path)
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {p} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {p} must hold a mapping of sections ({section}, corpus, train, ...)")
-    data = apply_overrides(data, overrides)
+    data = apply_overrides(read_sections(p, f"{section}, corpus, train, ..."), overrides)
     study = data.pop(section, None)
     if not isinstance(study, dict):
         raise ConfigError(f"config file {p} has no `{section}:` section; see configs/studies/{section}.yaml")
@@ -226,13 +232,7 @@ def read_study_sections(path: str | Path, overrides: list[str], section: str,
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> PipelineConfig:
     data: dict = {}
     if path:
-        p = resolve_config_path(path)
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {p} is not valid YAML: {str(exc).splitlines()[0]}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {p} must hold a mapping of sections (corpus, model, train, ...)")
+        data = read_sections(resolve_config_path(path), "corpus, model, train, ...")
     data = apply_overrides(data, overrides or [])
     return load_dataclass(PipelineConfig, data).validate()
 
